@@ -1,0 +1,120 @@
+"""Opening HBONE client connections: TCP (or an existing stream), then mTLS, then HTTP/2."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+from collections.abc import Iterable
+
+from .connection import H2Settings, HboneConnection
+from .errors import ConnectFailed, H2HandshakeFailure, HboneError, TlsFailure
+from .identity import Identity
+from .tls import check_server, describe_ssl_error
+from .tlslayer import Buffered, attach, wrap_tls
+
+CONNECT_TIMEOUT = 10.0
+
+
+async def start_tls(
+    transport: asyncio.Transport, context: ssl.SSLContext, *, server_side: bool, timeout: float
+) -> tuple[asyncio.Transport, Buffered]:
+    """TLS over a socket transport (the loop's own TLS) or over any other transport (ours)."""
+    loop = asyncio.get_running_loop()
+    if transport.get_extra_info("socket") is not None and transport.get_extra_info("tunnel") is None:
+        placeholder = Buffered()
+        tls = await loop.start_tls(
+            transport,
+            placeholder,
+            context,
+            server_side=server_side,
+            server_hostname=None,
+            ssl_handshake_timeout=timeout,
+        )
+        if tls is None:
+            raise ConnectionResetError("connection closed during the TLS handshake")
+        placeholder.transport = tls
+        return tls, placeholder
+    return await wrap_tls(transport, context, server_side=server_side, timeout=timeout)
+
+
+async def _h2_ready(conn: HboneConnection, timeout: float) -> None:
+    try:
+        await asyncio.wait_for(asyncio.shield(conn.ready), timeout)
+    except TimeoutError as exc:
+        conn.abort("HTTP/2 handshake timed out")
+        raise H2HandshakeFailure("no HTTP/2 SETTINGS from the server in time") from exc
+    except HboneError:
+        raise
+    except Exception as exc:
+        conn.abort(f"HTTP/2 handshake failed: {exc}")
+        raise H2HandshakeFailure(f"HTTP/2 handshake failed: {exc}") from exc
+
+
+async def client_over(
+    transport: asyncio.Transport,
+    context: ssl.SSLContext,
+    expected: Iterable[Identity],
+    *,
+    local_identity: Identity | None = None,
+    settings: H2Settings | None = None,
+    name: str = "",
+    timeout: float = CONNECT_TIMEOUT,
+) -> HboneConnection:
+    """mTLS + HTTP/2 client over an already open transport (a TCP socket, or a CONNECT stream)."""
+    try:
+        tls, placeholder = await start_tls(transport, context, server_side=False, timeout=timeout)
+    except (ssl.SSLError, OSError, TimeoutError, EOFError) as exc:
+        transport.abort()
+        raise TlsFailure(f"TLS handshake with {name or 'peer'} failed: {describe_ssl_error(exc)}") from exc
+    try:
+        peer = check_server(tls.get_extra_info("ssl_object"), expected)
+    except HboneError as exc:
+        tls.abort()
+        exc.args = (f"{name or 'peer'}: {exc}",)
+        raise
+    conn = HboneConnection(
+        client=True, settings=settings, local_identity=local_identity, peer_identity=peer, name=name
+    )
+    attach(tls, placeholder, conn)
+    await _h2_ready(conn, timeout)
+    return conn
+
+
+async def dial(
+    address: tuple[str, int],
+    context: ssl.SSLContext,
+    expected: Iterable[Identity],
+    *,
+    local_identity: Identity | None = None,
+    settings: H2Settings | None = None,
+    timeout: float = CONNECT_TIMEOUT,
+    source_ip: str | None = None,
+) -> HboneConnection:
+    """Open a pooled-style HBONE connection to `address` (normally <ip>:15008)."""
+    loop = asyncio.get_running_loop()
+    host, port = address
+    name = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    local_addr = (source_ip, 0) if source_ip else None
+    try:
+        transport, _ = await asyncio.wait_for(
+            loop.create_connection(Buffered, host, port, local_addr=local_addr), timeout
+        )
+    except TimeoutError as exc:
+        raise ConnectFailed(f"connect to {name} timed out after {timeout:g}s") from exc
+    except OSError as exc:
+        raise ConnectFailed(f"connect to {name} failed: {exc.strerror or exc}") from exc
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return await client_over(
+        transport,  # type: ignore[arg-type]
+        context,
+        expected,
+        local_identity=local_identity,
+        settings=settings,
+        name=name,
+        timeout=timeout,
+    )

@@ -1,0 +1,517 @@
+"""An HBONE HTTP/2 connection (SPEC §3.2–3.5), client or server, as an asyncio Protocol.
+
+It runs over any asyncio Transport that carries bytes in order: a TLS socket, or a TLS session inside
+another tunnel (double HBONE). The `h2` state machine owns the protocol rules; this class moves bytes,
+keeps timers (handshake, PING keepalive, drain deadline) and maps events to `Tunnel` streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import h2.config
+import h2.events
+import h2.exceptions
+import h2.settings
+from h2.errors import ErrorCodes
+from hyperframe.frame import GoAwayFrame
+
+from .errors import ConnectionClosed, ConnectRefused, H2HandshakeFailure, StreamReset
+from .h2fast import make_connection
+from .identity import Identity
+from .tunnel import Tunnel
+
+log = logging.getLogger("hbone.connection")
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+@dataclass(frozen=True, slots=True)
+class H2Settings:
+    """HTTP/2 parameters of SPEC §3.2 (Istio's ztunnel defaults)."""
+
+    stream_window: int = 4 * MiB
+    connection_window: int = 16 * MiB
+    frame_size: int = 1 * MiB
+    server_max_streams: int = 200
+    client_max_streams: int = 100
+    server_max_header_list: int = 64 * KiB
+    client_max_header_list: int = 16 * KiB
+    ping_interval: float = 10.0
+    ping_timeout: float = 20.0
+    handshake_timeout: float = 10.0
+
+
+StreamHandler = Callable[[Tunnel], None]
+
+
+class HboneConnection(asyncio.Protocol):
+    """One HTTP/2 connection. Servers get each CONNECT through `on_stream`; clients call `open_stream`."""
+
+    def __init__(
+        self,
+        *,
+        client: bool,
+        settings: H2Settings | None = None,
+        on_stream: StreamHandler | None = None,
+        local_identity: Identity | None = None,
+        peer_identity: Identity | None = None,
+        name: str = "",
+    ) -> None:
+        self.client = client
+        self.settings = settings or H2Settings()
+        self.on_stream = on_stream
+        self.local_identity = local_identity
+        self.peer_identity = peer_identity
+        self.name = name
+        self._loop = asyncio.get_running_loop()
+        config = h2.config.H2Configuration(
+            client_side=client, header_encoding=None, validate_inbound_headers=True
+        )
+        self._h2 = make_connection(config, self._on_goaway_frame)
+        self._transport: asyncio.Transport | None = None
+        self._streams: dict[int, Tunnel] = {}
+        self._blocked: set[Tunnel] = set()
+        self._pending_open: dict[int, asyncio.Future[Tunnel]] = {}
+        self._batch = False
+        self._write_paused = False
+        self._closed = False
+        self._draining = False
+        self._goaway_received = False
+        self._highest_inbound = 0
+        self.ready: asyncio.Future[None] = self._loop.create_future()
+        self.closed: asyncio.Future[None] = self._loop.create_future()
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        self._ping_timer: asyncio.TimerHandle | None = None
+        self._ping_sent_at: float | None = None
+        self._reserved = 0
+        self.created_at = time.monotonic()
+        self.idle_since: float | None = time.monotonic()
+        self.close_reason = ""
+
+    # -- asyncio.Protocol --------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        s = self.settings
+        local: dict[int, int] = {
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: s.stream_window,
+            h2.settings.SettingCodes.MAX_FRAME_SIZE: s.frame_size,
+        }
+        if self.client:
+            local[h2.settings.SettingCodes.ENABLE_PUSH] = 0
+            local[h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE] = s.client_max_header_list
+        else:
+            local[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = s.server_max_streams
+            local[h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE] = s.server_max_header_list
+        self._h2.local_settings = h2.settings.Settings(client=self.client, initial_values=local)
+        # We accept big frames from the moment we announce them: a peer may use them before our SETTINGS
+        # is acknowledged, and h2 would otherwise only raise its limit on the ACK.
+        self._h2.max_inbound_frame_size = s.frame_size
+        self._h2.initiate_connection()
+        if s.connection_window > 65535:
+            self._h2.increment_flow_control_window(s.connection_window - 65535)
+        self._flush()
+        self._handshake_timer = self._loop.call_later(s.handshake_timeout, self._handshake_timeout)
+        self._schedule_ping()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closed:
+            return
+        try:
+            events = self._h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            self._protocol_error(exc)
+            return
+        self._batch = True
+        try:
+            for event in events:
+                self._dispatch(event)
+        finally:
+            self._batch = False
+        self._flush()
+
+    def eof_received(self) -> bool | None:
+        self._lost("peer closed the connection")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost(f"connection lost: {exc}" if exc else "connection closed")
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        for tunnel in list(self._blocked):
+            self._flush_stream(tunnel)
+
+    # -- events ------------------------------------------------------------------------------------------
+    def _dispatch(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.DataReceived):
+            tunnel = self._streams.get(event.stream_id)
+            if tunnel is None:
+                self._ack_raw(event.stream_id, event.flow_controlled_length)
+            else:
+                tunnel._on_data(event.data, event.flow_controlled_length)
+        elif isinstance(event, h2.events.RequestReceived):
+            self._on_request(event)
+        elif isinstance(event, h2.events.ResponseReceived):
+            self._on_response(event)
+        elif isinstance(event, h2.events.WindowUpdated):
+            if event.stream_id == 0:
+                for tunnel in list(self._blocked):
+                    self._flush_stream(tunnel)
+            elif (tunnel := self._streams.get(event.stream_id)) is not None:
+                self._flush_stream(tunnel)
+        elif isinstance(event, h2.events.StreamEnded):
+            if (tunnel := self._streams.get(event.stream_id)) is not None:
+                tunnel._on_remote_end()
+        elif isinstance(event, h2.events.StreamReset):
+            self._on_stream_reset(event.stream_id, event.error_code)
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            if not self.ready.done():
+                self.ready.set_result(None)
+                self._cancel_handshake_timer()
+            # A bigger window from the peer may unblock streams.
+            for tunnel in list(self._blocked):
+                self._flush_stream(tunnel)
+        elif isinstance(event, h2.events.PingAckReceived):
+            self._ping_sent_at = None
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self._lost(f"peer ended the connection ({event.error_code!r})")
+
+    def _on_request(self, event: h2.events.RequestReceived) -> None:
+        sid = event.stream_id
+        self._highest_inbound = max(self._highest_inbound, sid)
+        headers = list(event.headers or [])
+        tunnel = Tunnel(self, sid, headers)  # type: ignore[arg-type]
+        if self.client or self.on_stream is None or self._draining:
+            self._h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+            return
+        self._streams[sid] = tunnel
+        self.idle_since = None
+        try:
+            self.on_stream(tunnel)
+        except Exception:
+            log.exception("stream handler failed for %r", tunnel)
+            if not tunnel.finished:
+                tunnel.abort(ErrorCodes.INTERNAL_ERROR)
+
+    def _on_response(self, event: h2.events.ResponseReceived) -> None:
+        tunnel = self._streams.get(event.stream_id)
+        if tunnel is None:
+            return
+        headers: list[tuple[bytes, bytes]] = list(event.headers or [])  # type: ignore[arg-type]
+        tunnel.response_headers = headers
+        status = 0
+        for k, v in headers:
+            if k == b":status":
+                with contextlib.suppress(ValueError):
+                    status = int(v)
+        tunnel.status = status
+        waiter = self._pending_open.pop(event.stream_id, None)
+        if status != 200:
+            # An error answer ends the stream; there is no body.
+            if not tunnel.finished:
+                tunnel.abort(ErrorCodes.CANCEL)
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(ConnectRefused(status))
+            return
+        if waiter is not None and not waiter.done():
+            waiter.set_result(tunnel)
+
+    def _on_stream_reset(self, stream_id: int, code: int) -> None:
+        waiter = self._pending_open.pop(stream_id, None)
+        if waiter is not None and not waiter.done():
+            name = ErrorCodes(code).name if code in ErrorCodes._value2member_map_ else str(code)
+            waiter.set_exception(StreamReset(f"CONNECT stream reset by server ({name})", code))
+        tunnel = self._streams.get(stream_id)
+        if tunnel is not None:
+            tunnel._on_reset(code)
+
+    def _on_goaway_frame(self, frame: GoAwayFrame) -> None:
+        """The peer will take no new streams above `last_stream_id`; those at or below may finish."""
+        self._goaway_received = True
+        if frame.error_code != ErrorCodes.NO_ERROR:
+            self._lost(f"peer sent GOAWAY {frame.error_code}")
+            return
+        for sid, tunnel in list(self._streams.items()):
+            if sid > frame.last_stream_id and self.client:
+                tunnel._on_connection_lost(ConnectionClosed("stream refused by GOAWAY"))
+                waiter = self._pending_open.pop(sid, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_exception(ConnectionClosed("server is draining (GOAWAY)"))
+        self._close_if_idle()
+
+    # -- client API --------------------------------------------------------------------------------------
+    @property
+    def max_streams(self) -> int:
+        """Streams we may open at once: min(our cap, the server's SETTINGS_MAX_CONCURRENT_STREAMS)."""
+        return min(self.settings.client_max_streams, self._h2.remote_settings.max_concurrent_streams)
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._streams)
+
+    @property
+    def usable(self) -> bool:
+        return not (self._closed or self._draining or self._goaway_received)
+
+    def reserve(self) -> bool:
+        """Claim a stream slot for a CONNECT about to be sent (the pool's admission check)."""
+        if not self.usable or len(self._streams) + self._reserved >= self.max_streams:
+            return False
+        self._reserved += 1
+        self.idle_since = None
+        return True
+
+    def release_reservation(self) -> None:
+        self._reserved = max(0, self._reserved - 1)
+        if not self._streams and not self._reserved:
+            self.idle_since = time.monotonic()
+        self._close_if_idle()
+
+    async def open_stream(
+        self, authority: str, headers: list[tuple[str, str]] | None = None, *, reserved: bool = False
+    ) -> Tunnel:
+        """Send a CONNECT and wait for the answer. 200 gives the Tunnel; anything else raises."""
+        if reserved:
+            self._reserved = max(0, self._reserved - 1)
+        if not self.usable:
+            raise ConnectionClosed(f"connection {self.name} is closing")
+        sid = self._h2.get_next_available_stream_id()
+        block = [(":method", "CONNECT"), (":authority", authority), *(headers or [])]
+        encoded = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in block]
+        tunnel = Tunnel(self, sid, encoded)
+        self._streams[sid] = tunnel
+        self.idle_since = None
+        waiter: asyncio.Future[Tunnel] = self._loop.create_future()
+        self._pending_open[sid] = waiter
+        try:
+            self._h2.send_headers(sid, encoded, end_stream=False)
+        except h2.exceptions.ProtocolError as exc:
+            self._streams.pop(sid, None)
+            self._pending_open.pop(sid, None)
+            raise ConnectionClosed(f"cannot open a stream: {exc}") from exc
+        self._flush()
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            self._pending_open.pop(sid, None)
+            if not tunnel.finished:
+                tunnel.abort(ErrorCodes.CANCEL)
+            raise
+
+    # -- server API --------------------------------------------------------------------------------------
+    def _send_response(
+        self, tunnel: Tunnel, status: int, headers: list[tuple[str, str]], end_stream: bool
+    ) -> None:
+        if self._closed or tunnel.finished:
+            return
+        block = [(b":status", str(status).encode()), *((k.encode(), v.encode("latin-1")) for k, v in headers)]
+        try:
+            self._h2.send_headers(tunnel.stream_id, block, end_stream=end_stream)
+        except h2.exceptions.ProtocolError as exc:
+            log.debug("cannot answer stream %d: %s", tunnel.stream_id, exc)
+        self._flush()
+
+    # -- stream plumbing (called by Tunnel) --------------------------------------------------------------
+    def _flush_stream(self, tunnel: Tunnel) -> None:
+        if self._closed or tunnel.finished:
+            self._blocked.discard(tunnel)
+            return
+        conn = self._h2
+        sid = tunnel.stream_id
+        queue = tunnel._send
+        try:
+            while queue and not self._write_paused:
+                room = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+                if room <= 0:
+                    break
+                chunk = queue[0]
+                if len(chunk) <= room:
+                    queue.popleft()
+                else:
+                    queue[0] = chunk[room:]
+                    chunk = chunk[:room]
+                conn.send_data(sid, chunk)
+                tunnel._send_size -= len(chunk)
+            if not queue and tunnel._eof_requested and not tunnel._local_ended:
+                conn.end_stream(sid)
+                tunnel._local_end_sent()
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
+            log.debug("stream %d cannot send: %s", sid, exc)
+            queue.clear()
+            tunnel._send_size = 0
+        if queue:
+            self._blocked.add(tunnel)
+        else:
+            self._blocked.discard(tunnel)
+        if not self._batch:
+            self._flush()
+        tunnel._maybe_resume_protocol()
+
+    def _ack(self, tunnel: Tunnel, flow_len: int) -> None:
+        self._ack_raw(tunnel.stream_id, flow_len)
+
+    def _ack_raw(self, stream_id: int, flow_len: int) -> None:
+        if flow_len and not self._closed:
+            self._h2.acknowledge_received_data(flow_len, stream_id)
+            if not self._batch:
+                self._flush()
+
+    def _reset(self, tunnel: Tunnel, code: int) -> None:
+        if self._closed:
+            return
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self._h2.reset_stream(tunnel.stream_id, code)
+        self._flush()
+
+    def _stream_finished(self, tunnel: Tunnel) -> None:
+        self._streams.pop(tunnel.stream_id, None)
+        self._blocked.discard(tunnel)
+        waiter = self._pending_open.pop(tunnel.stream_id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(tunnel.error or StreamReset("stream ended before the answer"))
+        if not self._streams:
+            self.idle_since = time.monotonic()
+        self._close_if_idle()
+
+    def _flush(self) -> None:
+        if self._transport is None or self._closed:
+            return
+        data = self._h2.data_to_send()
+        if data:
+            self._transport.write(data)
+
+    # -- keepalive, handshake, drain, close --------------------------------------------------------------
+    def _schedule_ping(self) -> None:
+        if not self._closed and self.settings.ping_interval > 0:
+            self._ping_timer = self._loop.call_later(self.settings.ping_interval, self._ping)
+
+    def _ping(self) -> None:
+        if self._closed:
+            return
+        now = time.monotonic()
+        if self._ping_sent_at is not None:
+            if now - self._ping_sent_at >= self.settings.ping_timeout:
+                self.abort(f"no PING answer for {self.settings.ping_timeout:g}s")
+                return
+        else:
+            self._ping_sent_at = now
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self._h2.ping(b"hbone-ka")
+            self._flush()
+        self._schedule_ping()
+
+    def _handshake_timeout(self) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(H2HandshakeFailure("no HTTP/2 SETTINGS from the peer in time"))
+            self.abort("HTTP/2 handshake timed out")
+
+    def _cancel_handshake_timer(self) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+
+    def drain(self) -> None:
+        """Graceful drain: GOAWAY, no new streams; open streams go on; the connection closes when idle."""
+        if self._draining or self._closed:
+            return
+        self._draining = True
+        self._flush()
+        if self._transport is not None:
+            goaway = GoAwayFrame(0)
+            goaway.last_stream_id = self._highest_inbound
+            goaway.error_code = ErrorCodes.NO_ERROR
+            self._transport.write(goaway.serialize())
+        self._close_if_idle()
+
+    async def shutdown(self, deadline: float) -> None:
+        """Drain, wait for open streams up to `deadline` seconds, then close whatever is left."""
+        self.drain()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.closed), deadline)
+        self.abort("drain deadline reached")
+
+    def _close_if_idle(self) -> None:
+        if (self._draining or self._goaway_received) and not self._streams and not self._reserved:
+            self.close("drained")
+
+    def close(self, reason: str = "closed") -> None:
+        if self._closed:
+            return
+        self._flush()
+        transport = self._transport
+        self._lost(reason)
+        if transport is not None:
+            transport.close()
+
+    def abort(self, reason: str) -> None:
+        if self._closed:
+            return
+        transport = self._transport
+        self._lost(reason)
+        if transport is not None:
+            transport.abort()
+
+    def _protocol_error(self, exc: Exception) -> None:
+        log.info("HTTP/2 protocol error from %s: %s", self.peer_name, exc)
+        self._flush()  # h2 queued a GOAWAY
+        if not self.ready.done():
+            self.ready.set_exception(H2HandshakeFailure(f"HTTP/2 handshake failed: {exc}"))
+        self.close(f"protocol error: {exc}")
+
+    def _lost(self, reason: str) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.close_reason = reason
+        self._cancel_handshake_timer()
+        if self._ping_timer is not None:
+            self._ping_timer.cancel()
+        if not self.ready.done():
+            self.ready.set_exception(H2HandshakeFailure(f"HTTP/2 handshake failed: {reason}"))
+            self.ready.exception()  # mark retrieved: a failed dial reports it elsewhere
+        err = ConnectionClosed(f"HBONE connection closed: {reason}")
+        for waiter in self._pending_open.values():
+            if not waiter.done():
+                waiter.set_exception(err)
+        self._pending_open.clear()
+        for tunnel in list(self._streams.values()):
+            tunnel._on_connection_lost(err)
+        self._streams.clear()
+        self._blocked.clear()
+        if not self.closed.done():
+            self.closed.set_result(None)
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
+
+    @property
+    def peer_name(self) -> str:
+        peer = self.get_extra_info("peername")
+        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or self.name or "?")
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "peer_identity":
+            return self.peer_identity
+        if name == "local_identity":
+            return self.local_identity
+        if self._transport is None:
+            return default
+        return self._transport.get_extra_info(name, default)
+
+    def __repr__(self) -> str:
+        role = "client" if self.client else "server"
+        return f"<HboneConnection {role} {self.name or self.peer_name} streams={len(self._streams)}>"

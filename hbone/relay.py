@@ -1,0 +1,154 @@
+"""The bidirectional relay between two transports (a TCP socket and a tunnel, or two of either).
+
+Callbacks only: bytes read from one side are written to the other in the same callback, and back-pressure
+travels as pause/resume (a side whose writes back up stops reading from the other). EOF on one side becomes
+a half-close on the other while the opposite direction carries on (SPEC §3.5); an error or RST on one side
+becomes a reset of the other (RST_STREAM CONNECT_ERROR on a tunnel, TCP RST on a socket).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+ProgressHook = Callable[[int, int], None]  # (direction 0 = a→b or 1 = b→a, bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class RelayResult:
+    a_to_b: int
+    b_to_a: int
+    error: BaseException | None  # the first error either side reported, None for a clean end
+
+
+def reset_transport(transport: asyncio.BaseTransport) -> None:
+    """Abort with a reset: RST_STREAM CONNECT_ERROR for a tunnel, TCP RST for a socket."""
+    reset = getattr(transport, "reset", None)
+    if callable(reset):
+        reset()
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+class Relay:
+    """Copies bytes a→b and b→a until both directions have ended or one side failed."""
+
+    def __init__(self, on_progress: ProgressHook | None = None) -> None:
+        self.a_to_b = 0
+        self.b_to_a = 0
+        self.error: BaseException | None = None
+        self.on_progress = on_progress
+        self._ends: tuple[_End, _End] | None = None
+        self.done: asyncio.Future[RelayResult] = asyncio.get_running_loop().create_future()
+
+    def start(
+        self, a: asyncio.Transport, b: asyncio.Transport, a_pending: bytes = b"", b_pending: bytes = b""
+    ) -> asyncio.Future[RelayResult]:
+        """Take over both transports; `*_pending` are bytes already read from that side."""
+        end_a, end_b = _End(self, 0, a), _End(self, 1, b)
+        end_a.peer, end_b.peer = end_b, end_a
+        self._ends = (end_a, end_b)
+        a.set_protocol(end_a)
+        b.set_protocol(end_b)
+        if a_pending:
+            end_a.data_received(a_pending)
+        if b_pending:
+            end_b.data_received(b_pending)
+        # Buffered data or EOF the transports kept for a protocol is delivered by them once it is set.
+        for end in (end_a, end_b):
+            if not end.transport.is_reading():
+                end.transport.resume_reading()
+        return self.done
+
+    def _count(self, direction: int, n: int) -> None:
+        if direction == 0:
+            self.a_to_b += n
+        else:
+            self.b_to_a += n
+        if self.on_progress is not None:
+            self.on_progress(direction, n)
+
+    def _fail(self, source: _End, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+        reset_transport(source.peer.transport)
+
+    def _maybe_done(self) -> None:
+        assert self._ends is not None
+        a, b = self._ends
+        if a.closed and b.closed and not self.done.done():
+            self.done.set_result(RelayResult(self.a_to_b, self.b_to_a, self.error))
+        elif a.eof and b.eof:
+            # Both directions ended: close what is still open (a TCP socket stays open after EOF).
+            for end in (a, b):
+                if not end.closed and not end.transport.is_closing():
+                    end.transport.close()
+
+    def abort(self) -> None:
+        """Stop relaying now; both sides are reset."""
+        if self._ends is not None:
+            for end in self._ends:
+                if not end.closed:
+                    reset_transport(end.transport)
+
+
+class _End(asyncio.Protocol):
+    """The protocol on one side: what it reads goes to the peer side's transport."""
+
+    def __init__(self, relay: Relay, direction: int, transport: asyncio.Transport) -> None:
+        self.relay = relay
+        self.direction = direction
+        self.transport = transport
+        self.peer: _End
+        self.eof = False
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # pragma: no cover - set by start
+        pass
+
+    def data_received(self, data: bytes) -> None:
+        self.relay._count(self.direction, len(data))
+        self.peer.transport.write(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        peer = self.peer.transport
+        if peer.can_write_eof():
+            if not peer.is_closing():
+                peer.write_eof()
+        else:
+            peer.close()
+        self.relay._maybe_done()
+        return True  # keep our write side open: the other direction goes on
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if exc is not None:
+            self.relay._fail(self, exc)
+        elif not self.eof:
+            # Closed without EOF and without error (e.g. a clean stream reset): end the other direction.
+            self.eof = True
+            peer = self.peer.transport
+            if not peer.is_closing():
+                if peer.can_write_eof():
+                    peer.write_eof()
+                else:
+                    peer.close()
+        if not self.peer.closed and self.peer.eof and not self.peer.transport.is_closing():
+            self.peer.transport.close()
+        self.relay._maybe_done()
+
+    def pause_writing(self) -> None:
+        # Our transport's write buffer is full: stop reading from the other side.
+        self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.peer.transport.resume_reading()

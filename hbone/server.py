@@ -1,0 +1,160 @@
+"""The HBONE listener: accept TCP, pick the certificate for the address that was dialled, mTLS, HTTP/2.
+
+The server presents the identity of whoever it serves at that address (SPEC §3.1), so the TLS context is
+chosen per accepted connection from its local address, not once per listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .connection import H2Settings, HboneConnection, StreamHandler
+from .errors import HboneError
+from .identity import Identity
+from .tls import check_client, describe_ssl_error
+from .tlslayer import Buffered, attach
+
+log = logging.getLogger("hbone.server")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerIdentity:
+    """What the server presents at one address: its TLS context and the identity in it."""
+
+    context: ssl.SSLContext
+    identity: Identity
+
+
+# Given the local (ip, port) a client dialled, the identity to present there, or None to refuse.
+IdentitySelector = Callable[[tuple[str, int]], ServerIdentity | None]
+HandshakeFailureHook = Callable[[tuple[str, int], tuple[str, int], str], None]
+
+
+class HboneServer:
+    """Accepts HBONE connections on any number of listening addresses; CONNECTs go to `on_stream`."""
+
+    def __init__(
+        self,
+        select_identity: IdentitySelector,
+        on_stream: StreamHandler,
+        *,
+        settings: H2Settings | None = None,
+        name: str = "hbone",
+        on_handshake_failure: HandshakeFailureHook | None = None,
+    ) -> None:
+        self.select_identity = select_identity
+        self.on_stream = on_stream
+        self.settings = settings or H2Settings()
+        self.name = name
+        self.on_handshake_failure = on_handshake_failure
+        self.connections: set[HboneConnection] = set()
+        self._servers: list[asyncio.Server] = []
+        self._handshakes: set[asyncio.Task[None]] = set()
+
+    async def listen(self, host: str, port: int) -> asyncio.Server:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: _Accepted(self), host, port, reuse_address=True, backlog=1024
+        )
+        self._servers.append(server)
+        return server
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        return [s for srv in self._servers for s in srv.sockets]
+
+    def _accepted(self, transport: asyncio.Transport, placeholder: Buffered) -> None:
+        task = asyncio.get_running_loop().create_task(self._handshake(transport, placeholder))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, transport: asyncio.Transport, raw: Buffered) -> None:
+        local = transport.get_extra_info("sockname")[:2]
+        peer = transport.get_extra_info("peername")[:2]
+        where = f"{peer[0]}:{peer[1]} -> {local[0]}:{local[1]}"
+        chosen = self.select_identity(local)
+        if chosen is None:
+            log.info("%s: refused HBONE connection %s: no workload served at that address", self.name, where)
+            transport.abort()
+            return
+        loop = asyncio.get_running_loop()
+        placeholder = Buffered()  # receives what arrives after the handshake, until HTTP/2 takes over
+        tls: asyncio.Transport | None = None
+        try:
+            tls = await loop.start_tls(
+                transport,
+                placeholder,
+                chosen.context,
+                server_side=True,
+                ssl_handshake_timeout=self.settings.handshake_timeout,
+            )
+            if tls is None:
+                raise ConnectionResetError("closed during handshake")
+            client = check_client(tls.get_extra_info("ssl_object"), chosen.identity.trust_domain)
+        except HboneError as exc:
+            self._refuse(transport, local, peer, where, str(exc), tls)
+            return
+        except (ssl.SSLError, OSError, TimeoutError, EOFError) as exc:
+            self._refuse(transport, local, peer, where, describe_ssl_error(exc), None)
+            return
+        conn = HboneConnection(
+            client=False,
+            settings=self.settings,
+            on_stream=self.on_stream,
+            local_identity=chosen.identity,
+            peer_identity=client,
+            name=where,
+        )
+        self.connections.add(conn)
+        conn.closed.add_done_callback(lambda _: self.connections.discard(conn))
+        attach(tls, placeholder, conn)
+        log.debug("%s: HBONE connection %s from %s as %s", self.name, where, client, chosen.identity)
+
+    def _refuse(
+        self,
+        transport: asyncio.Transport,
+        local: tuple[str, int],
+        peer: tuple[str, int],
+        where: str,
+        reason: str,
+        tls: asyncio.Transport | None,
+    ) -> None:
+        log.warning("%s: refused HBONE connection %s: %s", self.name, where, reason)
+        if self.on_handshake_failure is not None:
+            self.on_handshake_failure(local, peer, reason)
+        (tls or transport).abort()
+
+    async def shutdown(self, deadline: float) -> None:
+        """Stop accepting, send GOAWAY everywhere, let streams finish up to `deadline` seconds."""
+        for server in self._servers:
+            server.close()
+        for task in list(self._handshakes):
+            task.cancel()
+        conns = list(self.connections)
+        if conns:
+            await asyncio.gather(*(c.shutdown(deadline) for c in conns), return_exceptions=True)
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 1.0)
+
+
+class _Accepted(Buffered):
+    def __init__(self, server: HboneServer) -> None:
+        super().__init__()
+        self._server = server
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        # Nothing may be read before start_tls takes the socket over, or the ClientHello would be lost.
+        transport.pause_reading()  # type: ignore[attr-defined]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._server._accepted(transport, self)  # type: ignore[arg-type]

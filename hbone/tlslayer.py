@@ -1,0 +1,262 @@
+"""TLS over any asyncio Transport, for double HBONE's inner session (SPEC §5).
+
+The event loop can only start TLS on its own socket transports. The inner TLS session of double HBONE
+runs inside a CONNECT stream (a `Tunnel`), so this module drives an `ssl.SSLObject` over memory BIOs on top
+of any transport and presents the decrypted side as a transport again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from typing import Any
+
+log = logging.getLogger("hbone.tls")
+
+READ_CHUNK = 256 * 1024
+
+
+class Buffered(asyncio.Protocol):
+    """A stand-in protocol that keeps whatever arrives until the real protocol is attached."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.chunks: list[bytes] = []
+        self.eof = False
+        self.lost: tuple[Exception | None] | None = None
+        self.paused_writing = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = (exc,)
+
+    def pause_writing(self) -> None:
+        self.paused_writing = True
+
+    def resume_writing(self) -> None:
+        self.paused_writing = False
+
+    def take(self) -> bytes:
+        data = b"".join(self.chunks)
+        self.chunks.clear()
+        return data
+
+
+def attach(transport: asyncio.Transport, placeholder: Buffered, protocol: asyncio.Protocol) -> None:
+    """Give `transport` its real protocol and replay what the placeholder kept, in order."""
+    transport.set_protocol(protocol)
+    protocol.connection_made(transport)
+    if placeholder.paused_writing:
+        protocol.pause_writing()
+    if placeholder.chunks:
+        protocol.data_received(placeholder.take())
+    if placeholder.eof:
+        protocol.eof_received()
+    if placeholder.lost is not None:
+        protocol.connection_lost(placeholder.lost[0])
+
+
+class TlsOverTransport(asyncio.Transport):
+    """A TLS session over `lower`, itself a Transport for the protocol above."""
+
+    def __init__(self, lower: asyncio.Transport, context: ssl.SSLContext, server_side: bool) -> None:
+        super().__init__()
+        self._loop = asyncio.get_running_loop()
+        self._lower = lower
+        self._in = ssl.MemoryBIO()
+        self._out = ssl.MemoryBIO()
+        # server_hostname=None: no SNI, as HBONE clients send none.
+        self._ssl = context.wrap_bio(self._in, self._out, server_side=server_side, server_hostname=None)
+        self._protocol: asyncio.Protocol = Buffered()
+        self._protocol.connection_made(self)
+        self.handshake: asyncio.Future[None] = self._loop.create_future()
+        self._reading_paused = False
+        self._closing = False
+        self._lost = False
+        self._eof = False
+        lower.set_protocol(_Lower(self))
+        self._do_handshake()
+
+    # -- driven by the lower transport ----------------------------------------------------------------
+    def _do_handshake(self) -> None:
+        try:
+            self._ssl.do_handshake()
+        except ssl.SSLWantReadError:
+            self._flush_out()
+            return
+        except (ssl.SSLError, OSError) as exc:
+            self._flush_out()
+            if not self.handshake.done():
+                self.handshake.set_exception(exc)
+            self._lower.close()
+            return
+        self._flush_out()
+        if not self.handshake.done():
+            self.handshake.set_result(None)
+        self._read_app()
+
+    def _on_lower_data(self, data: bytes) -> None:
+        self._in.write(data)
+        if not self.handshake.done():
+            self._do_handshake()
+        else:
+            self._read_app()
+
+    def _read_app(self) -> None:
+        while not self._reading_paused and not self._lost:
+            try:
+                chunk = self._ssl.read(READ_CHUNK)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                self._on_eof()
+                break
+            except ssl.SSLError as exc:
+                log.info("inner TLS error: %s", exc)
+                self._connection_lost(exc)
+                self._lower.abort()
+                return
+            if not chunk:
+                self._on_eof()
+                break
+            self._protocol.data_received(chunk)
+        self._flush_out()
+
+    def _on_eof(self) -> None:
+        if not self._eof:
+            self._eof = True
+            keep_open = self._protocol.eof_received()
+            if not keep_open:
+                self.close()
+
+    def _on_lower_eof(self) -> None:
+        if not self.handshake.done():
+            self.handshake.set_exception(ConnectionResetError("connection closed during the TLS handshake"))
+        else:
+            self._in.write_eof()
+            self._read_app()
+            self._on_eof()
+
+    def _connection_lost(self, exc: Exception | None) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        if not self.handshake.done():
+            lost = exc or ConnectionResetError("connection lost during the TLS handshake")
+            self.handshake.set_exception(lost)
+        self._protocol.connection_lost(exc)
+
+    def _flush_out(self) -> None:
+        if self._out.pending:
+            self._lower.write(self._out.read())
+
+    # -- asyncio.Transport for the protocol above ----------------------------------------------------
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._protocol = protocol  # type: ignore[assignment]
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._protocol
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "ssl_object":
+            return self._ssl
+        if name == "peercert":
+            return self._ssl.getpeercert()
+        if name == "cipher":
+            return self._ssl.cipher()
+        return self._lower.get_extra_info(name, default)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closing or self._lost:
+            return
+        self._ssl.write(data)
+        self._flush_out()
+
+    def writelines(self, list_of_data: Any) -> None:
+        self.write(b"".join(list_of_data))
+
+    def can_write_eof(self) -> bool:
+        return False  # TLS has no half-close
+
+    def is_closing(self) -> bool:
+        return self._closing or self._lost
+
+    def pause_reading(self) -> None:
+        self._reading_paused = True
+        self._lower.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._reading_paused:
+            self._reading_paused = False
+            self._lower.resume_reading()
+            self._read_app()
+
+    def is_reading(self) -> bool:
+        return not self._reading_paused
+
+    def get_write_buffer_size(self) -> int:
+        return self._lower.get_write_buffer_size()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._lower.set_write_buffer_limits(high, low)
+
+    def close(self) -> None:
+        if self._closing or self._lost:
+            return
+        self._closing = True
+        try:
+            self._ssl.unwrap()  # queue close_notify
+        except (ssl.SSLWantReadError, ssl.SSLError, ValueError):
+            pass
+        self._flush_out()
+        self._lower.close()
+
+    def abort(self) -> None:
+        self._closing = True
+        self._lower.abort()
+
+
+class _Lower(asyncio.Protocol):
+    def __init__(self, tls: TlsOverTransport) -> None:
+        self._tls = tls
+
+    def data_received(self, data: bytes) -> None:
+        self._tls._on_lower_data(data)
+
+    def eof_received(self) -> bool:
+        self._tls._on_lower_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._tls._connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._tls._protocol.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._tls._protocol.resume_writing()
+
+
+async def wrap_tls(
+    lower: asyncio.Transport, context: ssl.SSLContext, *, server_side: bool, timeout: float = 10.0
+) -> tuple[TlsOverTransport, Buffered]:
+    """Run a TLS handshake over `lower`; returns the TLS transport and the placeholder holding early data."""
+    tls = TlsOverTransport(lower, context, server_side)
+    placeholder = tls.get_protocol()
+    assert isinstance(placeholder, Buffered)
+    try:
+        await asyncio.wait_for(asyncio.shield(tls.handshake), timeout)
+    except BaseException:
+        tls.abort()
+        raise
+    return tls, placeholder
