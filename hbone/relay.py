@@ -15,6 +15,8 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .tlslayer import Buffered
+
 ProgressHook = Callable[[int, int], None]  # (direction 0 = a→b or 1 = b→a, bytes)
 
 
@@ -49,23 +51,24 @@ class Relay:
         self._ends: tuple[_End, _End] | None = None
         self.done: asyncio.Future[RelayResult] = asyncio.get_running_loop().create_future()
 
-    def start(
-        self, a: asyncio.Transport, b: asyncio.Transport, a_pending: bytes = b"", b_pending: bytes = b""
-    ) -> asyncio.Future[RelayResult]:
-        """Take over both transports; `*_pending` are bytes already read from that side."""
+    def start(self, a: asyncio.Transport, b: asyncio.Transport) -> asyncio.Future[RelayResult]:
+        """Take over both transports. What a `Buffered` placeholder on either kept is relayed first."""
         end_a, end_b = _End(self, 0, a), _End(self, 1, b)
         end_a.peer, end_b.peer = end_b, end_a
         self._ends = (end_a, end_b)
+        previous = (a.get_protocol(), b.get_protocol())
         a.set_protocol(end_a)
         b.set_protocol(end_b)
-        if a_pending:
-            end_a.data_received(a_pending)
-        if b_pending:
-            end_b.data_received(b_pending)
-        # Buffered data or EOF the transports kept for a protocol is delivered by them once it is set.
-        for end in (end_a, end_b):
-            if not end.transport.is_reading():
-                end.transport.resume_reading()
+        for end, proto in zip((end_a, end_b), previous, strict=True):
+            if isinstance(proto, Buffered):
+                if proto.paused_writing:
+                    end.pause_writing()
+                if proto.chunks:
+                    end.data_received(proto.take())
+                if proto.eof:
+                    end.eof_received()
+                if proto.lost is not None:
+                    end.connection_lost(proto.lost[0])
         return self.done
 
     def _count(self, direction: int, n: int) -> None:

@@ -14,11 +14,13 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .authority import BadAuthority, parse_authority
 from .connection import H2Settings, HboneConnection, StreamHandler
 from .errors import HboneError
 from .identity import Identity
 from .tls import check_client, describe_ssl_error
 from .tlslayer import Buffered, attach
+from .tunnel import Tunnel
 
 log = logging.getLogger("hbone.server")
 
@@ -37,7 +39,11 @@ HandshakeFailureHook = Callable[[tuple[str, int], tuple[str, int], str], None]
 
 
 class HboneServer:
-    """Accepts HBONE connections on any number of listening addresses; CONNECTs go to `on_stream`."""
+    """Accepts HBONE connections on any number of listening addresses.
+
+    A request that is not CONNECT, or whose authority is not `ip:port`/`host:port`, is answered 400 here;
+    every well-formed CONNECT goes to `on_stream` with `tunnel.target` parsed, and must be answered there.
+    """
 
     def __init__(
         self,
@@ -106,7 +112,7 @@ class HboneServer:
         conn = HboneConnection(
             client=False,
             settings=self.settings,
-            on_stream=self.on_stream,
+            on_stream=self._check_request,
             local_identity=chosen.identity,
             peer_identity=client,
             name=where,
@@ -115,6 +121,20 @@ class HboneServer:
         conn.closed.add_done_callback(lambda _: self.connections.discard(conn))
         attach(tls, placeholder, conn)
         log.debug("%s: HBONE connection %s from %s as %s", self.name, where, client, chosen.identity)
+
+    def _check_request(self, tunnel: Tunnel) -> None:
+        where = tunnel.connection.name
+        if tunnel.method != "CONNECT":
+            log.info("%s: %s: 400, method %s is not CONNECT", self.name, where, tunnel.method)
+            tunnel.respond(400)
+            return
+        try:
+            tunnel.target = parse_authority(tunnel.authority)
+        except BadAuthority as exc:
+            log.info("%s: %s: 400, bad authority: %s", self.name, where, exc)
+            tunnel.respond(400)
+            return
+        self.on_stream(tunnel)
 
     def _refuse(
         self,

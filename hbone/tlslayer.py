@@ -8,6 +8,7 @@ of any transport and presents the decrypted side as a transport again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 from typing import Any
@@ -214,10 +215,8 @@ class TlsOverTransport(asyncio.Transport):
         if self._closing or self._lost:
             return
         self._closing = True
-        try:
+        with contextlib.suppress(ssl.SSLWantReadError, ssl.SSLError, ValueError):
             self._ssl.unwrap()  # queue close_notify
-        except (ssl.SSLWantReadError, ssl.SSLError, ValueError):
-            pass
         self._flush_out()
         self._lower.close()
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from h2.errors import ErrorCodes
 
+from .authority import Authority
 from .errors import StreamReset
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ class Tunnel(asyncio.Transport):
         self.request_headers = request_headers
         self.response_headers: list[tuple[bytes, bytes]] = []
         self.status: int | None = None
+        self.target: Authority | None = None  # the parsed :authority, set by the server before dispatch
         self._protocol: asyncio.BaseProtocol = _Buffering()
         self._has_user_protocol = False
         # receive side

@@ -1,0 +1,15 @@
+"""Fixtures shared by the whole suite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.support.pki import TestPki
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
+    """One mesh PKI for the session: a root and the cacerts folders of cluster1 and cluster2."""
+    return TestPki.create(Path(tmp_path_factory.mktemp("pki")))
