@@ -1,0 +1,1 @@
+"""What every daemon knows about the mesh: config and state, policy, metrics, and the daemon plumbing."""

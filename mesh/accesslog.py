@@ -1,0 +1,88 @@
+"""Access log: one line per proxied connection or request, on the logger named `access`.
+
+Text lines read like ztunnel's (`<time> info access <message> key=value ...`, values quoted only when they
+need it); JSON lines (ACCESS_LOG_FORMAT=json) carry the same fields for log pipelines. The access logger has
+its own handler and does not follow the daemon's log level: like Envoy's access log, it is a record of
+traffic, not diagnostics, so LOG_LEVEL=error must not silence it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Mapping
+from typing import TextIO
+
+ACCESS_LOGGER = "access"
+FORMATS = ("text", "json")
+
+_logger = logging.getLogger(ACCESS_LOGGER)
+
+
+class _AccessHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Marks the handler we installed, so configuring again replaces it instead of doubling lines."""
+
+
+def configure_access_log(stream: TextIO | None = None) -> None:
+    """Send access lines, unadorned, to `stream` (stdout by default, where Envoy also writes them)."""
+    for handler in list(_logger.handlers):
+        if isinstance(handler, _AccessHandler):
+            _logger.removeHandler(handler)
+    handler = _AccessHandler(stream if stream is not None else sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    _logger.addHandler(handler)
+    _logger.setLevel(logging.INFO)
+    _logger.propagate = False
+
+
+def timestamp(now: float | None = None) -> str:
+    """RFC 3339 UTC with microseconds, the form ztunnel and Envoy use."""
+    now = time.time() if now is None else now
+    seconds = int(now)
+    micros = int((now - seconds) * 1_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{micros:06d}Z"
+
+
+def _text_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = str(value)
+    # Quote only what would break `key=value` splitting; JSON string escaping keeps it one line.
+    if not text or any(c.isspace() or c in '"=\\' for c in text) or not text.isprintable():
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def format_text(message: str, fields: Mapping[str, object], now: float | None = None) -> str:
+    parts = [timestamp(now), "info", ACCESS_LOGGER, message]
+    parts.extend(f"{k}={_text_value(v)}" for k, v in fields.items() if v is not None)
+    return " ".join(parts)
+
+
+def format_json(message: str, fields: Mapping[str, object], now: float | None = None) -> str:
+    record: dict[str, object] = {"time": timestamp(now), "level": "info", "scope": ACCESS_LOGGER,
+                                 "message": message}  # fmt: skip
+    record.update((k, v) for k, v in fields.items() if v is not None)
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+class AccessLog:
+    """Writes access lines in the configured format. Fields keep their order; None values are left out."""
+
+    def __init__(self, fmt: str = "text", logger: logging.Logger | None = None) -> None:
+        if fmt not in FORMATS:
+            raise ValueError(f"access log format {fmt!r} is not one of {', '.join(FORMATS)}")
+        self.format = fmt
+        self._logger = logger or _logger
+        self._render = format_json if fmt == "json" else format_text
+
+    @property
+    def enabled(self) -> bool:
+        return self._logger.isEnabledFor(logging.INFO)
+
+    def write(self, fields: Mapping[str, object], message: str = "connection complete") -> None:
+        # Skip the formatting entirely when nobody listens; this runs once per connection.
+        if self._logger.isEnabledFor(logging.INFO):
+            self._logger.info(self._render(message, fields))
