@@ -45,10 +45,18 @@ async def _h2_ready(conn: HboneConnection, timeout: float) -> None:
     except TimeoutError as exc:
         conn.abort("HTTP/2 handshake timed out")
         raise H2HandshakeFailure("no HTTP/2 SETTINGS from the server in time") from exc
-    except HboneError:
-        raise
     except Exception as exc:
         conn.abort(f"HTTP/2 handshake failed: {exc}")
+        # In TLS 1.3 the server checks our certificate after our side of the handshake is done, so its
+        # refusal arrives as an alert on the first read, or as a bare close before any HTTP/2 byte.
+        if isinstance(conn.lost_exc, ssl.SSLError):
+            raise TlsFailure(f"server refused the TLS session: {describe_ssl_error(conn.lost_exc)}") from exc
+        if not conn.received_any:
+            raise TlsFailure(
+                "server closed the TLS session before HTTP/2 started (it refused our certificate or identity)"
+            ) from exc
+        if isinstance(exc, HboneError):
+            raise
         raise H2HandshakeFailure(f"HTTP/2 handshake failed: {exc}") from exc
 
 

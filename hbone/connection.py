@@ -95,6 +95,8 @@ class HboneConnection(asyncio.Protocol):
         self.created_at = time.monotonic()
         self.idle_since: float | None = time.monotonic()
         self.close_reason = ""
+        self.lost_exc: Exception | None = None
+        self.received_any = False
 
     # -- asyncio.Protocol --------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -114,6 +116,7 @@ class HboneConnection(asyncio.Protocol):
         # We accept big frames from the moment we announce them: a peer may use them before our SETTINGS
         # is acknowledged, and h2 would otherwise only raise its limit on the ACK.
         self._h2.max_inbound_frame_size = s.frame_size
+        self._h2.decoder.max_header_list_size = local[h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE]
         self._h2.initiate_connection()
         if s.connection_window > 65535:
             self._h2.increment_flow_control_window(s.connection_window - 65535)
@@ -122,6 +125,7 @@ class HboneConnection(asyncio.Protocol):
         self._schedule_ping()
 
     def data_received(self, data: bytes) -> None:
+        self.received_any = True
         if self._closed:
             return
         try:
@@ -142,6 +146,7 @@ class HboneConnection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost_exc = exc
         self._lost(f"connection lost: {exc}" if exc else "connection closed")
 
     def pause_writing(self) -> None:

@@ -1,0 +1,176 @@
+"""What the HBONE server answers (SPEC §3.4), and bad input that must cost only its own stream or connection."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+
+import pytest
+
+from hbone.client import dial
+from tests.support.apps import TcpApp, TunnelServer, echo, read_all, stream_pair
+from tests.support.pki import TestPki, ident
+from tests.support.rawh2 import RawH2Client
+
+SERVER = ident("server")
+CLIENT = ident("client")
+DENIED_HOST = "127.0.0.66"
+
+
+@pytest.fixture
+async def server(pki: TestPki):
+    srv = await TunnelServer(
+        SERVER, lambda: pki.server_ctx(SERVER), deny=lambda t: t.target is not None and t.target.host == DENIED_HOST
+    ).start()
+    yield srv
+    await srv.close()
+
+
+@pytest.fixture
+async def echo_app():
+    app = await TcpApp(echo).start()
+    yield app
+    await app.close()
+
+
+async def raw(pki: TestPki, server: TunnelServer) -> RawH2Client:
+    return await RawH2Client.open(server.address, pki.client_ctx(CLIENT))
+
+
+async def assert_still_serving(pki: TestPki, server: TunnelServer, app: TcpApp) -> None:
+    conn = await dial(server.address, pki.client_ctx(CLIENT), [SERVER])
+    tunnel = await conn.open_stream(f"127.0.0.1:{app.port}")
+    reader, writer = stream_pair(tunnel)
+    writer.write(b"still here")
+    writer.write_eof()
+    assert await asyncio.wait_for(reader.read(), 5) == b"still here"
+    conn.close()
+
+
+def closed_port() -> int:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ([(":method", "GET"), (":scheme", "https"), (":path", "/"), (":authority", "127.0.0.1:80")], 400),
+        ([(":method", "CONNECT"), (":authority", "no-port-here")], 400),
+        ([(":method", "CONNECT"), (":authority", "127.0.0.1:99999")], 400),
+        ([(":method", "CONNECT"), (":authority", f"{DENIED_HOST}:8080")], 401),
+        ([(":method", "CONNECT"), (":authority", f"127.0.0.1:{closed_port()}")], 503),
+    ],
+    ids=["GET", "no-port", "port-out-of-range", "denied", "nothing-listening"],
+)
+async def test_error_status_ends_the_stream_with_headers_only(pki, server, echo_app, headers, status) -> None:
+    client = await raw(pki, server)
+    outcome = await client.request(headers)
+    assert outcome.status == status
+    assert outcome.ended_with_headers  # END_STREAM on the HEADERS frame
+    assert outcome.data == b""  # no body
+    assert not outcome.connection_closed
+    # The same connection still carries a good CONNECT.
+    ok = await client.request([(":method", "CONNECT"), (":authority", f"127.0.0.1:{echo_app.port}")])
+    assert ok.status == 200 and not ok.ended_with_headers
+    client.close()
+
+
+async def test_success_is_200_without_end_stream_and_with_response_headers(pki, server, echo_app) -> None:
+    client = await raw(pki, server)
+    outcome = await client.request([(":method", "CONNECT"), (":authority", f"127.0.0.1:{echo_app.port}")])
+    assert outcome.status == 200 and not outcome.ended_with_headers and outcome.reset_code is None
+    assert (b"baggage", b"k8s.cluster.name=test") in outcome.headers
+    client.close()
+
+
+async def test_connect_without_authority_costs_only_its_connection(pki, server, echo_app, caplog) -> None:
+    caplog.set_level(logging.INFO)
+    client = await raw(pki, server)
+    outcome = await client.request([(":method", "CONNECT")])
+    assert outcome.status is None and outcome.connection_closed
+    assert any("protocol error" in r.getMessage() for r in caplog.records if r.name.startswith("hbone"))
+    await assert_still_serving(pki, server, echo_app)
+
+
+async def test_header_list_over_64k_costs_only_its_connection(pki, server, echo_app) -> None:
+    client = await raw(pki, server)
+    big = [(f"x-filler-{i}", "v" * 1000) for i in range(70)]
+    outcome = await client.request([(":method", "CONNECT"), (":authority", f"127.0.0.1:{echo_app.port}"), *big])
+    assert outcome.status is None and outcome.connection_closed
+    await assert_still_serving(pki, server, echo_app)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [os.urandom(4096), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"\x16\x03\x01\x00\x05hello"],
+    ids=["garbage", "plain-http1", "broken-tls-record"],
+)
+async def test_non_tls_bytes_close_that_connection_with_one_log_line(pki, server, echo_app, caplog, payload) -> None:
+    caplog.set_level(logging.INFO)
+    reader, writer = await asyncio.open_connection(*server.address)
+    writer.write(payload)
+    assert await asyncio.wait_for(reader.read(), 5) == b"" or True  # whatever comes back, it closes
+    writer.close()
+    for _ in range(100):
+        refused = [r for r in caplog.records if "refused HBONE connection" in r.getMessage()]
+        if refused:
+            break
+        await asyncio.sleep(0.02)
+    assert len(refused) == 1
+    await assert_still_serving(pki, server, echo_app)
+
+
+async def test_http1_inside_tls_costs_only_its_connection(pki, server, echo_app) -> None:
+    reader, writer = await asyncio.open_connection(*server.address, ssl=pki.client_ctx(CLIENT), server_hostname="")
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    await asyncio.wait_for(reader.read(), 5)  # GOAWAY, then closed
+    assert reader.at_eof()
+    writer.close()
+    await assert_still_serving(pki, server, echo_app)
+
+
+async def test_client_that_stops_reading_holds_memory_bounded(pki, server, echo_app) -> None:
+    """The application sends without end; the client reads nothing. Flow control must stop the sender
+    after about one stream window plus socket buffers, and everything arrives intact once it reads."""
+    total = 256 * 1024 * 1024
+    sent = 0
+    digest = hashlib.sha256()
+
+    async def firehose(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        chunk = os.urandom(1 << 20)
+        while sent < total:
+            writer.write(chunk)
+            digest.update(chunk)
+            sent += len(chunk)
+            await writer.drain()
+        writer.write_eof()
+
+    app = await TcpApp(firehose).start()
+    conn = await dial(server.address, pki.client_ctx(CLIENT), [SERVER])
+    tunnel = await conn.open_stream(f"127.0.0.1:{app.port}")
+    tunnel.pause_reading()  # a client that stops reading
+    await asyncio.sleep(1.0)
+    stalled_at = sent
+    await asyncio.sleep(0.5)
+    assert sent == stalled_at, "the sender was not stopped"
+    # Window (4 MiB) + relay buffers + kernel socket buffers on both loopback sockets: far below 64 MiB.
+    assert stalled_at < 64 * 1024 * 1024, stalled_at
+    server_tunnel = server.relays[-1]
+    assert server_tunnel.a_to_b == 0
+    # Meanwhile the server keeps serving others.
+    await assert_still_serving(pki, server, echo_app)
+    reader, _writer = stream_pair(tunnel)
+    tunnel.resume_reading()
+    received = await asyncio.wait_for(read_all(reader), 60)
+    assert received == (total, digest.hexdigest())
+    conn.close()
+    await app.close()

@@ -1,0 +1,215 @@
+"""mTLS on HBONE (SPEC §3.1): every refused handshake names its reason; the good ones keep working."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import ssl
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from certs import unrelated_ca
+from hbone.client import dial
+from hbone.errors import TlsFailure, WrongIdentity
+from hbone.identity import Identity
+from hbone.tls import ALPN, _restrict_tls13_suites, client_context, server_context
+from tests.support.apps import TcpApp, TunnelServer, echo, stream_pair
+from tests.support.pki import TestPki, ident
+
+SERVER = ident("server")
+CLIENT = ident("client")
+
+
+@pytest.fixture
+async def server(pki: TestPki):
+    srv = await TunnelServer(SERVER, lambda: pki.server_ctx(SERVER)).start()
+    yield srv
+    await srv.close()
+
+
+@pytest.fixture
+async def echo_app():
+    app = await TcpApp(echo).start()
+    yield app
+    await app.close()
+
+
+async def assert_still_serving(pki: TestPki, server: TunnelServer, app: TcpApp) -> None:
+    conn = await dial(server.address, pki.client_ctx(CLIENT), [SERVER])
+    tunnel = await conn.open_stream(f"127.0.0.1:{app.port}")
+    reader, writer = stream_pair(tunnel)
+    writer.write(b"still here")
+    writer.write_eof()
+    assert await asyncio.wait_for(reader.read(), 5) == b"still here"
+    conn.close()
+
+
+def server_log(caplog: pytest.LogCaptureFixture) -> str:
+    return "\n".join(r.getMessage() for r in caplog.records if r.name == "hbone.server")
+
+
+async def wait_for_log(caplog: pytest.LogCaptureFixture, text: str) -> str:
+    for _ in range(100):
+        if text in server_log(caplog):
+            break
+        await asyncio.sleep(0.02)
+    return server_log(caplog)
+
+
+def bare_client_context(pki: TestPki, *, alpn: bool = True) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False
+    ctx.load_verify_locations(cadata=pki.cas["cluster1"].root_pem.decode())
+    if alpn:
+        ctx.set_alpn_protocols([ALPN])
+    return ctx
+
+
+async def test_client_without_certificate_is_refused(pki, server, echo_app, caplog) -> None:
+    caplog.set_level(logging.INFO)
+    reader, writer = await asyncio.open_connection(*server.address, ssl=bare_client_context(pki), server_hostname="")
+    writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        data = await asyncio.wait_for(reader.read(100), 5)
+        assert data == b""  # closed without a word also counts as refused
+        raise ConnectionResetError("closed")
+    writer.close()
+    assert "no client certificate" in await wait_for_log(caplog, "no client certificate")
+    await assert_still_serving(pki, server, echo_app)
+
+
+async def test_client_certificate_from_another_root_is_refused(pki, server, echo_app, caplog) -> None:
+    caplog.set_level(logging.INFO)
+    foreign = unrelated_ca().issue(CLIENT)
+    # It trusts our root (so it accepts the server) but presents a certificate our root did not sign.
+    creds = dataclasses.replace(foreign, root_pem=pki.cas["cluster1"].root_pem)
+    with pytest.raises(TlsFailure) as info:
+        await dial(server.address, client_context(creds), [SERVER])
+    assert "refused" in str(info.value)
+    log = await wait_for_log(caplog, "certificate verification failed")
+    assert "certificate verification failed: unable to get local issuer certificate" in log
+    await assert_still_serving(pki, server, echo_app)
+
+
+async def test_expired_client_certificate_is_refused(pki, server, echo_app, caplog) -> None:
+    caplog.set_level(logging.INFO)
+    now = datetime.now(UTC)
+    expired = pki.cas["cluster1"].issue(CLIENT, not_before=now - timedelta(days=2), not_after=now - timedelta(days=1))
+    with pytest.raises(TlsFailure) as info:
+        await dial(server.address, client_context(expired), [SERVER])
+    assert info.value.flag == "TLS_FAILURE"
+    assert "certificate has expired" in await wait_for_log(caplog, "expired")
+    await assert_still_serving(pki, server, echo_app)
+
+
+async def test_expired_server_certificate_is_refused(pki) -> None:
+    now = datetime.now(UTC)
+    expired = pki.cas["cluster2"].issue(SERVER, not_before=now - timedelta(days=2), not_after=now - timedelta(hours=1))
+    srv = await TunnelServer(SERVER, lambda: server_context(expired)).start()
+    with pytest.raises(TlsFailure) as info:
+        await dial(srv.address, pki.client_ctx(CLIENT), [SERVER])
+    assert info.value.flag == "TLS_FAILURE"
+    assert "certificate has expired" in str(info.value)
+    await srv.close()
+
+
+async def test_server_with_unexpected_identity_is_refused(pki, server) -> None:
+    with pytest.raises(WrongIdentity) as info:
+        await dial(server.address, pki.client_ctx(CLIENT), [ident("reviews"), ident("ratings")])
+    message = str(info.value)
+    assert info.value.flag == "IDENTITY_ERROR"
+    assert "spiffe://cluster.local/ns/default/sa/server" in message
+    assert "spiffe://cluster.local/ns/default/sa/reviews" in message
+
+
+async def test_server_matching_any_expected_identity_is_accepted(pki, server) -> None:
+    conn = await dial(server.address, pki.client_ctx(CLIENT), [ident("reviews"), SERVER])
+    assert conn.peer_identity == SERVER
+    conn.close()
+
+
+async def test_client_from_another_trust_domain_is_refused(pki, server, echo_app, caplog) -> None:
+    caplog.set_level(logging.INFO)
+    outsider = Identity("evil.example", "default", "client")
+    with pytest.raises(TlsFailure):
+        await dial(server.address, pki.client_ctx(outsider), [SERVER])
+    assert "not in trust domain 'cluster.local'" in await wait_for_log(caplog, "trust domain")
+    await assert_still_serving(pki, server, echo_app)
+
+
+async def test_server_without_alpn_h2_is_refused(pki) -> None:
+    cert = pki.cert(SERVER)
+    ctx = server_context(cert)
+    ctx.set_alpn_protocols(["http/1.1"])  # speaks TLS fine, but not HTTP/2
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    srv = await asyncio.start_server(hold, "127.0.0.1", 0, ssl=ctx)
+    port = srv.sockets[0].getsockname()[1]
+    with pytest.raises(TlsFailure) as info:
+        await dial(("127.0.0.1", port), pki.client_ctx(CLIENT), [SERVER])
+    assert "ALPN 'h2'" in str(info.value)
+    srv.close()
+
+
+async def test_client_without_alpn_h2_is_refused(pki, server, echo_app, caplog) -> None:
+    caplog.set_level(logging.INFO)
+    ctx = bare_client_context(pki, alpn=False)
+    cert = pki.cert(CLIENT)
+    ctx.load_cert_chain(*_write_pair(cert))
+    reader, writer = await asyncio.open_connection(*server.address, ssl=ctx, server_hostname="")
+    writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    assert await asyncio.wait_for(reader.read(100), 5) == b""
+    writer.close()
+    assert "did not negotiate ALPN 'h2'" in await wait_for_log(caplog, "ALPN")
+    await assert_still_serving(pki, server, echo_app)
+
+
+async def test_only_tls13_aes_gcm_no_sni_no_tickets(pki) -> None:
+    seen_sni: list[str | None] = []
+    ctx = pki.server_ctx(SERVER)
+    ctx.sni_callback = lambda sslobj, name, _ctx: seen_sni.append(name)  # type: ignore[assignment]
+    srv = await TunnelServer(SERVER, lambda: ctx).start()
+    conn = await dial(srv.address, pki.client_ctx(CLIENT), [SERVER])
+    sslobj = conn.get_extra_info("ssl_object")
+    assert sslobj.version() == "TLSv1.3"
+    assert sslobj.cipher()[0] in ("TLS_AES_256_GCM_SHA384", "TLS_AES_128_GCM_SHA256")
+    assert sslobj.selected_alpn_protocol() == "h2"
+    assert seen_sni == [None]
+    await asyncio.sleep(0.05)
+    assert not sslobj.session.has_ticket
+    conn.close()
+    await srv.close()
+
+
+async def test_chacha20_only_client_is_refused(pki, server) -> None:
+    ctx = pki.client_ctx(CLIENT)
+    import _ssl
+    import ctypes
+
+    setter = ctypes.CDLL(_ssl.__file__).SSL_CTX_set_ciphersuites
+    setter.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    setter(ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value, b"TLS_CHACHA20_POLY1305_SHA256")
+    with pytest.raises(TlsFailure):
+        await dial(server.address, ctx, [SERVER])
+    # and our own contexts never offer it
+    offered = {c["name"] for c in pki.client_ctx(CLIENT).get_ciphers() if c["protocol"] == "TLSv1.3"}
+    assert offered == {"TLS_AES_256_GCM_SHA384", "TLS_AES_128_GCM_SHA256"}
+    assert _restrict_tls13_suites  # the mechanism under test
+
+
+def _write_pair(cert) -> tuple[str, str]:
+    import os
+    import tempfile
+
+    folder = tempfile.mkdtemp()
+    chain, key = os.path.join(folder, "chain.pem"), os.path.join(folder, "key.pem")
+    with open(chain, "wb") as f:
+        f.write(cert.chain_pem)
+    with open(key, "wb") as f:
+        f.write(cert.key_pem)
+    return chain, key
