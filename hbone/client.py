@@ -69,6 +69,7 @@ async def client_over(
     settings: H2Settings | None = None,
     name: str = "",
     timeout: float = CONNECT_TIMEOUT,
+    close_when_idle: bool = False,
 ) -> HboneConnection:
     """mTLS + HTTP/2 client over an already open transport (a TCP socket, or a CONNECT stream)."""
     try:
@@ -83,7 +84,12 @@ async def client_over(
         exc.args = (f"{name or 'peer'}: {exc}",)
         raise
     conn = HboneConnection(
-        client=True, settings=settings, local_identity=local_identity, peer_identity=peer, name=name
+        client=True,
+        settings=settings,
+        local_identity=local_identity,
+        peer_identity=peer,
+        name=name,
+        close_when_idle=close_when_idle,
     )
     attach(tls, placeholder, conn)
     await _h2_ready(conn, timeout)

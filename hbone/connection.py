@@ -64,8 +64,11 @@ class HboneConnection(asyncio.Protocol):
         local_identity: Identity | None = None,
         peer_identity: Identity | None = None,
         name: str = "",
+        close_when_idle: bool = False,
     ) -> None:
         self.client = client
+        # An unpooled connection (double HBONE's inner one) ends with its last stream.
+        self.close_when_idle = close_when_idle
         self.settings = settings or H2Settings()
         self.on_stream = on_stream
         self.local_identity = local_identity
@@ -447,7 +450,8 @@ class HboneConnection(asyncio.Protocol):
         self.abort("drain deadline reached")
 
     def _close_if_idle(self) -> None:
-        if (self._draining or self._goaway_received) and not self._streams and not self._reserved:
+        ending = self._draining or self._goaway_received or self.close_when_idle
+        if ending and not self._streams and not self._reserved:
             self.close("drained")
 
     def close(self, reason: str = "closed") -> None:
