@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import socket
 import ssl
 from collections.abc import Iterable
@@ -112,9 +113,15 @@ async def dial(
     name = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     local_addr = (source_ip, 0) if source_ip else None
     try:
-        transport, _ = await asyncio.wait_for(
-            loop.create_connection(Buffered, host, port, local_addr=local_addr), timeout
-        )
+        try:
+            transport, _ = await asyncio.wait_for(
+                loop.create_connection(Buffered, host, port, local_addr=local_addr), timeout
+            )
+        except OSError as exc:
+            if local_addr is None or exc.errno not in (errno.EADDRNOTAVAIL, errno.EINVAL):
+                raise
+            # The source IP is not ours to bind here (e.g. another host's pod): go without it.
+            transport, _ = await asyncio.wait_for(loop.create_connection(Buffered, host, port), timeout)
     except TimeoutError as exc:
         raise ConnectFailed(f"connect to {name} timed out after {timeout:g}s") from exc
     except OSError as exc:

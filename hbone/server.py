@@ -60,54 +60,55 @@ class HboneServer:
         self.name = name
         self.on_handshake_failure = on_handshake_failure
         self.connections: set[HboneConnection] = set()
-        self._servers: list[asyncio.Server] = []
+        self._listeners: list[Listener] = []
         self._handshakes: set[asyncio.Task[None]] = set()
 
-    async def listen(self, host: str, port: int) -> asyncio.Server:
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(
-            lambda: _Accepted(self), host, port, reuse_address=True, backlog=1024
-        )
-        self._servers.append(server)
-        return server
+    async def listen(self, host: str, port: int) -> Listener:
+        """Listen on host:port. Accepted sockets are wrapped in TLS before anything reads from them."""
+        listener = Listener(self, host, port)
+        self._listeners.append(listener)
+        return listener
 
     @property
     def sockets(self) -> list[socket.socket]:
-        return [s for srv in self._servers for s in srv.sockets]
+        return [lst.socket for lst in self._listeners if not lst.closed]
 
-    def _accepted(self, transport: asyncio.Transport, placeholder: Buffered) -> None:
-        task = asyncio.get_running_loop().create_task(self._handshake(transport, placeholder))
+    def _accepted(self, sock: socket.socket) -> None:
+        task = asyncio.get_running_loop().create_task(self._handshake(sock))
         self._handshakes.add(task)
         task.add_done_callback(self._handshakes.discard)
 
-    async def _handshake(self, transport: asyncio.Transport, raw: Buffered) -> None:
-        local = transport.get_extra_info("sockname")[:2]
-        peer = transport.get_extra_info("peername")[:2]
+    async def _handshake(self, sock: socket.socket) -> None:
+        try:
+            local = sock.getsockname()[:2]
+            peer = sock.getpeername()[:2]
+        except OSError:
+            sock.close()
+            return
         where = f"{peer[0]}:{peer[1]} -> {local[0]}:{local[1]}"
         chosen = self.select_identity(local)
         if chosen is None:
             log.info("%s: refused HBONE connection %s: no workload served at that address", self.name, where)
-            transport.abort()
+            sock.close()
             return
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         loop = asyncio.get_running_loop()
         placeholder = Buffered()  # receives what arrives after the handshake, until HTTP/2 takes over
         tls: asyncio.Transport | None = None
         try:
-            tls = await loop.start_tls(
-                transport,
-                placeholder,
-                chosen.context,
-                server_side=True,
+            tls, _ = await loop.connect_accepted_socket(
+                lambda: placeholder,
+                sock,
+                ssl=chosen.context,
                 ssl_handshake_timeout=self.settings.handshake_timeout,
             )
-            if tls is None:
-                raise ConnectionResetError("closed during handshake")
             client = check_client(tls.get_extra_info("ssl_object"), chosen.identity.trust_domain)
         except HboneError as exc:
-            self._refuse(transport, local, peer, where, str(exc), tls)
+            self._refuse(sock, local, peer, where, str(exc), tls)
             return
         except (ssl.SSLError, OSError, TimeoutError, EOFError) as exc:
-            self._refuse(transport, local, peer, where, describe_ssl_error(exc), None)
+            self._refuse(sock, local, peer, where, describe_ssl_error(exc), tls)
             return
         conn = HboneConnection(
             client=False,
@@ -138,7 +139,7 @@ class HboneServer:
 
     def _refuse(
         self,
-        transport: asyncio.Transport,
+        sock: socket.socket,
         local: tuple[str, int],
         peer: tuple[str, int],
         where: str,
@@ -148,33 +149,66 @@ class HboneServer:
         log.warning("%s: refused HBONE connection %s: %s", self.name, where, reason)
         if self.on_handshake_failure is not None:
             self.on_handshake_failure(local, peer, reason)
-        (tls or transport).abort()
+        if tls is not None:
+            tls.abort()
+        else:
+            sock.close()
 
     async def shutdown(self, deadline: float) -> None:
         """Stop accepting, send GOAWAY everywhere, let streams finish up to `deadline` seconds."""
-        for server in self._servers:
-            server.close()
+        for listener in self._listeners:
+            listener.close()
         for task in list(self._handshakes):
             task.cancel()
         conns = list(self.connections)
         if conns:
             await asyncio.gather(*(c.shutdown(deadline) for c in conns), return_exceptions=True)
-        for server in self._servers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 1.0)
 
 
-class _Accepted(Buffered):
-    def __init__(self, server: HboneServer) -> None:
-        super().__init__()
+class Listener:
+    """One listening socket and its accept loop (the `asyncio.Server` part we need: close, sockets)."""
+
+    def __init__(self, server: HboneServer, host: str, port: int, backlog: int = 1024) -> None:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(backlog)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self.socket = sock
+        self.sockets = [sock]
+        self.closed = False
         self._server = server
+        self._task = asyncio.get_running_loop().create_task(self._accept_loop())
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        # Nothing may be read before start_tls takes the socket over, or the ClientHello would be lost.
-        transport.pause_reading()  # type: ignore[attr-defined]
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._server._accepted(transport, self)  # type: ignore[arg-type]
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(self.socket)
+            except asyncio.CancelledError:
+                raise
+            except OSError as exc:
+                if self.closed:
+                    return
+                log.warning("%s: accept failed: %s", self._server.name, exc)
+                await asyncio.sleep(0.1)  # e.g. out of file descriptors: do not spin
+                continue
+            conn.setblocking(False)
+            self._server._accepted(conn)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._task.cancel()
+        self.socket.close()
+
+    async def wait_closed(self) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task

@@ -51,7 +51,8 @@ class Connector:
         ctx = self.identities.client(source)
 
         async def dialer():
-            return await dial(address, ctx, wanted, local_identity=source, settings=self.h2)
+            # From the workload's own IP where we can, so the destination can tell who the source is.
+            return await dial(address, ctx, wanted, local_identity=source, settings=self.h2, source_ip=source_ip or None)
 
         return await self.pool.open_stream(key, dialer, authority, headers)
 

@@ -109,7 +109,11 @@ async def digest_reply(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
 
 class TunnelServer:
     """An HBONE server whose streams go to the TCP address in their authority (like a destination
-    ztunnel, without the mesh): 401 for denied authorities, 503 when the target does not answer."""
+    ztunnel, without the mesh): 401 for denied authorities, 503 when the target does not answer.
+
+    `route` maps a stream to the TCP address it goes to instead, as a destination ztunnel maps a
+    `<service hostname>:<port>` authority to its local pod's target port.
+    """
 
     def __init__(
         self,
@@ -118,9 +122,11 @@ class TunnelServer:
         *,
         deny: Callable[[Tunnel], bool] = lambda t: False,
         settings: H2Settings | None = None,
+        route: Callable[[Tunnel], tuple[str, int]] | None = None,
     ) -> None:
         self.identity = identity
         self.deny = deny
+        self.route = route
         self.streams_seen = 0
         self.peak_streams_per_connection = 0
         self.relays: list[Relay] = []
@@ -128,8 +134,8 @@ class TunnelServer:
         self.server = HboneServer(lambda _addr: chosen, self._on_stream, settings=settings, name="test-server")
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def start(self, host: str = "127.0.0.1") -> TunnelServer:
-        srv = await self.server.listen(host, 0)
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> TunnelServer:
+        srv = await self.server.listen(host, port)
         self.address = srv.sockets[0].getsockname()[:2]
         return self
 
@@ -147,11 +153,10 @@ class TunnelServer:
             tunnel.respond(401)
             return
         assert tunnel.target is not None
+        host, port = self.route(tunnel) if self.route else (tunnel.target.host, tunnel.target.port)
         loop = asyncio.get_running_loop()
         try:
-            transport, _ = await asyncio.wait_for(
-                loop.create_connection(Buffered, tunnel.target.host, tunnel.target.port), 10
-            )
+            transport, _ = await asyncio.wait_for(loop.create_connection(Buffered, host, port), 10)
         except (OSError, TimeoutError):
             tunnel.respond(503)
             return

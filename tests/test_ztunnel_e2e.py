@@ -1,0 +1,169 @@
+"""Two ztunnels ("node1", "node2") as real processes on loopback, a real curl through SOCKS5."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from certs import make_mesh_pki
+from tests.support.daemons import Daemon, metric_samples, run_curl, scrape
+from tests.support.httpapp import HttpApp, body_sha256
+
+SLEEP_IP, ECHO_IP, VIP = "127.11.1.10", "127.11.2.10", "127.11.9.1"
+Z1, Z2 = "127.11.1.1", "127.11.2.1"
+ECHO_HOST = "echo.default.svc.cluster.local"
+
+
+def mesh_config(policies: list[dict] | None = None, echo_policies: list[str] | None = None) -> dict:
+    def workload(name: str, ip: str, node: str, sa: str, services: dict | None = None, **extra: object) -> dict:
+        return {
+            "uid": f"cluster1//v1/Pod/default/{name}", "name": name, "namespace": "default", "serviceAccount": sa,
+            "workloadIps": [ip], "protocol": "HBONE", "node": node, "clusterId": "cluster1",
+            "workloadName": name.rsplit("-", 1)[0], "workloadType": "deployment", "canonicalName": sa,
+            "canonicalRevision": "v1", "services": services or {}, **extra,
+        }  # fmt: skip
+
+    return {
+        "workloads": [
+            workload("sleep-1", SLEEP_IP, "node1", "sleep"),
+            workload("echo-1", ECHO_IP, "node2", "echo", {f"default/{ECHO_HOST}": {80: 8080}},
+                     authorizationPolicies=echo_policies or []),
+        ],  # fmt: skip
+        "services": [
+            {"name": "echo", "namespace": "default", "hostname": ECHO_HOST, "vips": [f"/{VIP}"], "ports": {80: 8080},
+             "subjectAltNames": ["spiffe://cluster.local/ns/default/sa/echo"]},
+        ],  # fmt: skip
+        "policies": policies or [],
+    }
+
+
+@pytest.fixture
+async def mesh(tmp_path: Path):
+    pki = make_mesh_pki(tmp_path / "pki", ["cluster1"])
+    config = tmp_path / "mesh.yaml"
+    config.write_text(yaml.safe_dump(mesh_config()))
+    app = await HttpApp("echo-1").start(ECHO_IP, 8080)
+    daemons = []
+    for node, ip in (("node1", Z1), ("node2", Z2)):
+        env = {
+            "NODE_NAME": node, "CLUSTER_ID": "cluster1", "LOCAL_XDS_PATH": str(config),
+            "CA_CERTS_DIR": str(pki["cluster1"]), "SOCKS5_ADDR": f"{ip}:15080", "OUTBOUND_ADDR": "off",
+            "STATS_ADDR": f"{ip}:15020", "READINESS_ADDR": f"{ip}:15021", "ADMIN_ADDR": f"{ip}:15000",
+            "DRAIN_DEADLINE": "1s",
+        }  # fmt: skip
+        daemons.append(Daemon("ztunnel_py", env, tmp_path / f"ztunnel-{node}.log", f"{ip}:15021").start())
+    try:
+        await asyncio.gather(*(d.wait_ready() for d in daemons))
+        yield {"config": config, "app": app, "ztunnels": daemons, "tmp": tmp_path}
+    finally:
+        for d in daemons:
+            d.stop()
+        await app.close()
+
+
+def socks(*args: str) -> list[str]:
+    return ["--interface", SLEEP_IP, "--socks5-hostname", f"{Z1}:15080", *args]
+
+
+async def test_curl_by_hostname_and_vip(mesh) -> None:
+    for url in (f"http://{ECHO_HOST}/", f"http://{VIP}/"):
+        code, out, err = await run_curl(*socks(url))
+        assert code == 0, err.decode() + mesh["ztunnels"][0].logs()
+        assert out == b"echo-1\n"
+    # The application saw the destination ztunnel's connection, not the client directly.
+    assert [r[:2] for r in mesh["app"].requests] == [("GET", "/"), ("GET", "/")]
+
+
+async def test_64mib_download_and_upload_byte_exact(mesh) -> None:
+    size = 64 * 1024 * 1024
+    code, out, err = await run_curl(*socks(f"http://{ECHO_HOST}/bytes/{size}"))
+    assert code == 0, err
+    assert len(out) == size and hashlib.sha256(out).hexdigest() == body_sha256(size)
+    upload = mesh["tmp"] / "upload.bin"
+    data = os.urandom(size)
+    upload.write_bytes(data)
+    code, out, err = await run_curl(*socks("--data-binary", f"@{upload}", "-H", "Content-Type: application/octet-stream",
+                                           f"http://{ECHO_HOST}/sha256"))  # fmt: skip
+    assert code == 0, err
+    assert out.decode().split() == [str(size), hashlib.sha256(data).hexdigest()]
+
+
+async def test_metrics_on_both_sides(mesh) -> None:
+    code, out, err = await run_curl(*socks(f"http://{ECHO_HOST}/bytes/100000"))
+    assert code == 0, err
+    await asyncio.sleep(0.2)
+    src_text = await scrape(f"{Z1}:15020")
+    dst_text = await scrape(f"{Z2}:15020")
+    (src_labels, opened), *_ = metric_samples(src_text, "istio_tcp_connections_opened_total")
+    assert src_labels["reporter"] == "source"
+    assert src_labels["source_workload"] == "sleep"
+    assert src_labels["source_principal"] == "spiffe://cluster.local/ns/default/sa/sleep"
+    assert src_labels["destination_workload"] == "echo"
+    assert src_labels["destination_principal"] == "spiffe://cluster.local/ns/default/sa/echo"
+    assert src_labels["destination_service"] == ECHO_HOST
+    assert src_labels["source_cluster"] == src_labels["destination_cluster"] == "cluster1"
+    assert src_labels["connection_security_policy"] == "mutual_tls"
+    assert src_labels["request_protocol"] == "tcp" and src_labels["response_flags"] == "-"
+    (dst_labels, _), *_ = metric_samples(dst_text, "istio_tcp_connections_opened_total")
+    assert dst_labels["reporter"] == "destination"
+    assert dst_labels["source_workload"] == "sleep"
+    assert dst_labels["source_principal"] == "spiffe://cluster.local/ns/default/sa/sleep"
+    assert dst_labels["destination_workload"] == "echo"
+    assert dst_labels["destination_service"] == ECHO_HOST
+    for text in (src_text, dst_text):
+        opened = sum(v for _, v in metric_samples(text, "istio_tcp_connections_opened_total"))
+        closed = sum(v for _, v in metric_samples(text, "istio_tcp_connections_closed_total"))
+        assert opened == closed == 1
+        sent = sum(v for _, v in metric_samples(text, "istio_tcp_sent_bytes_total"))
+        received = sum(v for _, v in metric_samples(text, "istio_tcp_received_bytes_total"))
+        assert 100000 < sent < 101000  # the body plus the response head: server → client
+        assert 0 < received < 1000  # the request: client → server
+        assert "_created" not in text
+        assert 'istio_build{component="ztunnel",tag="0.1.0"} 1.0' in text
+        assert metric_samples(text, "istio_tcp_sockets_open") in ([], [({"reporter": "source"}, 0.0)],
+                                                                    [({"reporter": "destination"}, 0.0)])  # fmt: skip
+
+
+async def test_deny_policy_refuses_with_401_and_deny_flag_on_both_sides(mesh) -> None:
+    deny = {"name": "deny-sleep", "namespace": "default", "scope": "Namespace", "action": "Deny",
+            "rules": [[[{"principals": [{"Exact": "cluster.local/ns/default/sa/sleep"}]}]]]}  # fmt: skip
+    config: Path = mesh["config"]
+    config.write_text(yaml.safe_dump(mesh_config(policies=[deny])))
+    await asyncio.sleep(1.6)  # the file is checked once a second
+    code, out, err = await run_curl(*socks(f"http://{ECHO_HOST}/"))
+    assert code != 0 and out == b""
+    src = await scrape(f"{Z1}:15020")
+    dst = await scrape(f"{Z2}:15020")
+    for text in (src, dst):
+        failed = metric_samples(text, "istio_tcp_connections_failed_total")
+        assert [labels["response_flags"] for labels, _ in failed] == ["DENY"]
+    assert "refused with 401" in mesh["ztunnels"][1].logs()
+    # A missing ALLOW: an ALLOW policy for someone else refuses sleep too.
+    allow_other = {"name": "allow-other", "namespace": "default", "scope": "WorkloadSelector", "action": "Allow",
+                   "rules": [[[{"principals": [{"Exact": "cluster.local/ns/default/sa/other"}]}]]]}  # fmt: skip
+    config.write_text(yaml.safe_dump(mesh_config(policies=[allow_other], echo_policies=["default/allow-other"])))
+    await asyncio.sleep(1.6)
+    code, out, _ = await run_curl(*socks(f"http://{ECHO_HOST}/"))
+    assert code != 0 and out == b""
+
+
+async def test_bad_config_is_refused_and_traffic_keeps_flowing(mesh) -> None:
+    config: Path = mesh["config"]
+    good = config.read_text()
+    config.write_text(good.replace("workloadIps:", "workloadIPs:", 1))
+    await asyncio.sleep(1.6)
+    logs = mesh["ztunnels"][0].logs()
+    assert "refused new mesh config" in logs and "workloadIPs" in logs and str(config) in logs
+    code, out, _ = await run_curl(*socks(f"http://{ECHO_HOST}/"))
+    assert code == 0 and out == b"echo-1\n"
+
+
+async def test_unknown_source_is_refused_with_socks_reply_2(mesh) -> None:
+    code, _out, err = await run_curl("--socks5-hostname", f"{Z1}:15080", f"http://{ECHO_HOST}/")
+    assert code == 97 or "not allowed" in err.decode().lower() or code != 0
+    assert "is not a workload on this node" in mesh["ztunnels"][0].logs()

@@ -1,0 +1,30 @@
+"""Outbound capture on 15001: connections redirected by iptables, destination from SO_ORIGINAL_DST."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from hbone.tlslayer import Buffered
+from ztunnel_py.original_dst import original_destination
+from ztunnel_py.outbound import Outbound, OutboundRequest
+
+log = logging.getLogger("ztunnel.capture")
+
+
+class CaptureProtocol(Buffered):
+    def __init__(self, outbound: Outbound) -> None:
+        super().__init__()
+        self._outbound = outbound
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        peer = transport.get_extra_info("peername")
+        dst = original_destination(sock) if sock is not None else None
+        if dst is None:
+            log.warning("connection from %s:%d on the capture port was not redirected; closing", peer[0], peer[1])
+            transport.close()
+            return
+        request = OutboundRequest((peer[0], peer[1]), dst[0], dst[1], is_domain=False, via="capture")
+        self._outbound.start(transport, self, request, lambda _code: None)  # type: ignore[arg-type]
