@@ -31,12 +31,24 @@ def mesh_config(policies: list[dict] | None = None, echo_policies: list[str] | N
     return {
         "workloads": [
             workload("sleep-1", SLEEP_IP, "node1", "sleep"),
-            workload("echo-1", ECHO_IP, "node2", "echo", {f"default/{ECHO_HOST}": {80: 8080}},
-                     authorizationPolicies=echo_policies or []),
+            workload(
+                "echo-1",
+                ECHO_IP,
+                "node2",
+                "echo",
+                {f"default/{ECHO_HOST}": {80: 8080}},
+                authorizationPolicies=echo_policies or [],
+            ),
         ],  # fmt: skip
         "services": [
-            {"name": "echo", "namespace": "default", "hostname": ECHO_HOST, "vips": [f"/{VIP}"], "ports": {80: 8080},
-             "subjectAltNames": ["spiffe://cluster.local/ns/default/sa/echo"]},
+            {
+                "name": "echo",
+                "namespace": "default",
+                "hostname": ECHO_HOST,
+                "vips": [f"/{VIP}"],
+                "ports": {80: 8080},
+                "subjectAltNames": ["spiffe://cluster.local/ns/default/sa/echo"],
+            },
         ],  # fmt: skip
         "policies": policies or [],
     }
@@ -54,7 +66,7 @@ async def mesh(tmp_path: Path):
             "NODE_NAME": node, "CLUSTER_ID": "cluster1", "LOCAL_XDS_PATH": str(config),
             "CA_CERTS_DIR": str(pki["cluster1"]), "SOCKS5_ADDR": f"{ip}:15080", "OUTBOUND_ADDR": "off",
             "STATS_ADDR": f"{ip}:15020", "READINESS_ADDR": f"{ip}:15021", "ADMIN_ADDR": f"{ip}:15000",
-            "DRAIN_DEADLINE": "1s",
+            "DRAIN_DEADLINE": "5s",
         }  # fmt: skip
         daemons.append(Daemon("ztunnel_py", env, tmp_path / f"ztunnel-{node}.log", f"{ip}:15021").start())
     try:
@@ -167,3 +179,64 @@ async def test_unknown_source_is_refused_with_socks_reply_2(mesh) -> None:
     code, _out, err = await run_curl("--socks5-hostname", f"{Z1}:15080", f"http://{ECHO_HOST}/")
     assert code == 97 or "not allowed" in err.decode().lower() or code != 0
     assert "is not a workload on this node" in mesh["ztunnels"][0].logs()
+
+
+async def socks_get(path: str = "/") -> bytes:
+    """One SOCKS5 connection from the sleep pod's IP, one HTTP request, then close."""
+    reader, writer = await asyncio.open_connection(Z1, 15080, local_addr=(SLEEP_IP, 0))
+    try:
+        writer.write(b"\x05\x01\x00")
+        assert await reader.readexactly(2) == b"\x05\x00"
+        host = ECHO_HOST.encode()
+        writer.write(b"\x05\x01\x00\x03" + bytes([len(host)]) + host + (80).to_bytes(2, "big"))
+        answer = await reader.readexactly(10)
+        assert answer[1] == 0, answer
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: echo\r\nConnection: close\r\n\r\n".encode())
+        return await reader.read()
+    finally:
+        writer.close()
+
+
+async def test_10000_short_connections_leak_nothing(mesh) -> None:
+    async def dump(ip: str) -> dict:
+        import json
+
+        from tests.support.daemons import http_get
+
+        return json.loads(await asyncio.to_thread(http_get, f"http://{ip}:15000/config_dump"))
+
+    await socks_get()  # warm up: pooled connection, certificates
+    before = [await dump(ip) for ip in (Z1, Z2)]
+    sem = asyncio.Semaphore(32)
+
+    async def one() -> bool:
+        async with sem:
+            return (await socks_get()).endswith(b"echo-1\n")
+
+    results = await asyncio.gather(*(one() for _ in range(10_000)))
+    assert all(results)
+    await asyncio.sleep(0.5)
+    after = [await dump(ip) for ip in (Z1, Z2)]
+    for b, a in zip(before, after, strict=True):
+        assert a["openFds"] <= b["openFds"] + 2, (b, a)
+        assert a["tasks"] <= b["tasks"] + 2, (b, a)
+    for ip in (Z1, Z2):
+        text = await scrape(f"{ip}:15020")
+        assert all(v == 0 for _, v in metric_samples(text, "istio_tcp_sockets_open"))
+        opened = sum(v for _, v in metric_samples(text, "istio_tcp_connections_opened_total"))
+        assert opened == 10_001  # and the warm-up
+
+
+async def test_sigterm_drains_open_connections(mesh) -> None:
+    """SIGTERM on the destination ztunnel: a download in flight finishes; then the process exits 0."""
+    size = 32 * 1024 * 1024
+    download = asyncio.create_task(run_curl(*socks("--limit-rate", "16M", f"http://{ECHO_HOST}/bytes/{size}")))
+    await asyncio.sleep(0.5)
+    node2 = mesh["ztunnels"][1]
+    node2.env["DRAIN_DEADLINE"] = "5s"
+    node2.proc.send_signal(__import__("signal").SIGTERM)
+    code, out, err = await download
+    assert code == 0, err
+    assert hashlib.sha256(out).hexdigest() == body_sha256(size)
+    assert await asyncio.to_thread(node2.proc.wait, 10) == 0
+    assert "draining" in node2.logs()

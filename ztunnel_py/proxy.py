@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,13 @@ log = logging.getLogger("ztunnel")
 
 HBONE_PORT = 15008
 PLAINTEXT_PORT = 15006
+
+
+def _open_fds() -> int | None:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return None
 
 
 def _split_addr(text: str) -> tuple[str, int]:
@@ -110,6 +118,8 @@ class Ztunnel:
             "listeners": sorted(f"{kind} {ip}" for kind, ip in self._per_ip),
             "responseBaggage": self.node.response_baggage,
             "pool": [repr(c) for c in self.ctx.pool.connections()],
+            "tasks": len(asyncio.all_tasks()),
+            "openFds": _open_fds(),
         }
 
     # -- drain --------------------------------------------------------------------------------------------

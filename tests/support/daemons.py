@@ -48,6 +48,10 @@ class Daemon:
         raise TimeoutError(f"{self.module} not ready after {timeout}s:\n{self.logs()}")
 
     def _ready_once(self) -> bool:
+        if self.prefix:  # inside a network namespace: ask from there
+            done = subprocess.run([*self.prefix, "curl", "-sf", "--max-time", "1", f"http://{self.readiness}/healthz/ready"],
+                                  capture_output=True)  # fmt: skip
+            return done.returncode == 0
         try:
             with urllib.request.urlopen(f"http://{self.readiness}/healthz/ready", timeout=1) as resp:
                 return resp.status == 200

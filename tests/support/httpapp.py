@@ -81,3 +81,26 @@ class HttpApp:
     async def _reply(writer: asyncio.StreamWriter, body: bytes) -> None:
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nContent-Type: text/plain\r\n\r\n" % len(body) + body)
         await writer.drain()
+
+
+def main() -> None:
+    """`python -m tests.support.httpapp --name NAME --listen IP:PORT`, for apps inside network namespaces."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--listen", required=True)
+    args = parser.parse_args()
+    host, _, port = args.listen.rpartition(":")
+
+    async def serve() -> None:
+        app = await HttpApp(args.name).start(host, int(port))
+        print("ready", flush=True)
+        assert app.server is not None
+        await app.server.serve_forever()
+
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()

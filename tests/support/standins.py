@@ -1,0 +1,185 @@
+"""Stand-ins for the waypoint's neighbours, at fixed addresses: a destination ztunnel or a network's
+east-west gateway (an HBONE server relaying each CONNECT to a TCP address), and small HTTP/1.1 and HTTP/2
+applications behind them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+from dataclasses import dataclass, field
+
+import h2.config
+import h2.connection
+import h2.events
+import h11
+
+from hbone.identity import Identity
+from hbone.relay import Relay
+from hbone.server import HboneServer, ServerIdentity
+from hbone.tlslayer import Buffered
+from hbone.tunnel import Tunnel
+from tests.support.pki import TestPki
+
+
+@dataclass
+class ConnectSeen:
+    authority: str
+    headers: dict[str, str]  # the last value of each request header
+
+
+class StandInHbone:
+    """An HBONE server at a fixed address that relays each CONNECT to a TCP address: the one `targets`
+    maps the authority to, else the authority itself. As a gateway it relays inner TLS opaquely.
+
+    `response_baggage` is added to the 200 (like a destination ztunnel with response baggage on)."""
+
+    def __init__(self, pki: TestPki, identity: Identity, *, cluster: str = "cluster1",
+                 targets: dict[str, tuple[str, int]] | None = None, response_baggage: str | None = None) -> None:  # fmt: skip
+        self.identity = identity
+        self.targets = targets or {}
+        self.response_baggage = response_baggage
+        self.connects: list[ConnectSeen] = []
+        chosen = ServerIdentity(pki.server_ctx(identity, cluster), identity)
+        self.server = HboneServer(lambda _addr: chosen, self._on_stream, name=f"stand-in {identity}")
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self, host: str, port: int) -> StandInHbone:
+        await self.server.listen(host, port)
+        return self
+
+    def _on_stream(self, tunnel: Tunnel) -> None:
+        headers = {k.decode(): v.decode("latin-1") for k, v in tunnel.request_headers}
+        self.connects.append(ConnectSeen(tunnel.authority or "", headers))
+        task = asyncio.get_running_loop().create_task(self._serve(tunnel))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, tunnel: Tunnel) -> None:
+        assert tunnel.target is not None
+        host, port = self.targets.get(tunnel.authority or "", (tunnel.target.host, tunnel.target.port))
+        try:
+            transport, _ = await asyncio.get_running_loop().create_connection(Buffered, host, port)
+        except OSError:
+            tunnel.respond(503)
+            return
+        tunnel.respond(200, [("baggage", self.response_baggage)] if self.response_baggage else [])
+        Relay().start(tunnel, transport)  # type: ignore[arg-type]
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await self.server.shutdown(0.1)
+
+
+@dataclass
+class HttpApp:
+    """An HTTP/1.1 application that says which endpoint it is (`x-endpoint` and the body).
+
+    Paths: `/upload` answers `<bytes> <sha256>` of the body; `/slow` never answers; `/flaky` answers 503
+    while `fail_next` > 0; anything else reads the body and answers 200 with the app's name."""
+
+    name: str
+    fail_next: int = 0
+    requests: int = 0
+    seen_headers: list[dict[str, str]] = field(default_factory=list)
+    server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int) -> HttpApp:
+        self.server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
+        return self
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = h11.Connection(h11.SERVER)
+        try:
+            while True:
+                event = await _next(conn, reader)
+                if not isinstance(event, h11.Request):
+                    return
+                self.requests += 1
+                self.seen_headers.append({k.decode(): v.decode("latin-1") for k, v in event.headers})
+                path = event.target.decode()
+                if path.startswith("/slow"):
+                    await reader.read()  # until the waypoint gives up and closes
+                    return
+                digest, n = hashlib.sha256(), 0
+                while isinstance(body := await _next(conn, reader), h11.Data):
+                    digest.update(body.data)
+                    n += len(body.data)
+                status, text = 200, self.name
+                if path.startswith("/upload"):
+                    text = f"{n} {digest.hexdigest()}"
+                elif path.startswith("/flaky") and self.fail_next > 0:
+                    self.fail_next -= 1
+                    status, text = 503, "try again"
+                payload = text.encode()
+                headers = [("x-endpoint", self.name), ("content-length", str(len(payload)))]
+                writer.write(conn.send(h11.Response(status_code=status, headers=headers)))
+                writer.write(conn.send(h11.Data(data=payload)))
+                writer.write(conn.send(h11.EndOfMessage()))
+                await writer.drain()
+                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                    return
+                conn.start_next_cycle()
+        except (ConnectionError, h11.ProtocolError):
+            return
+        finally:
+            writer.close()
+
+
+async def _next(conn: h11.Connection, reader: asyncio.StreamReader) -> object:
+    while True:
+        event = conn.next_event()
+        if event is not h11.NEED_DATA:
+            return event
+        conn.receive_data(await reader.read(1 << 18))
+
+
+class GrpcApp:
+    """An HTTP/2 (prior knowledge) application in the style of gRPC: echoes the request message and ends
+    with trailers `grpc-status: <status>`."""
+
+    def __init__(self, grpc_status: int = 0) -> None:
+        self.grpc_status = grpc_status
+        self.server: asyncio.Server | None = None
+        self.seen_headers: list[dict[str, str]] = []
+
+    async def start(self, host: str, port: int) -> GrpcApp:
+        self.server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
+        return self
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+        conn.initiate_connection()
+        writer.write(conn.data_to_send())
+        bodies: dict[int, bytearray] = {}
+        try:
+            while data := await reader.read(1 << 16):
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.RequestReceived):
+                        self.seen_headers.append(dict(event.headers))  # type: ignore[arg-type]
+                        bodies[event.stream_id] = bytearray()
+                    elif isinstance(event, h2.events.DataReceived):
+                        bodies[event.stream_id] += event.data
+                        conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                    elif isinstance(event, h2.events.StreamEnded):
+                        body = bytes(bodies.pop(event.stream_id))
+                        conn.send_headers(event.stream_id, [(":status", "200"), ("content-type", "application/grpc")])
+                        conn.send_data(event.stream_id, body)
+                        conn.send_headers(event.stream_id, [("grpc-status", str(self.grpc_status)),
+                                                            ("grpc-message", "done")], end_stream=True)  # fmt: skip
+                writer.write(conn.data_to_send())
+                await writer.drain()
+        except (ConnectionError, h2.exceptions.ProtocolError):
+            return
+        finally:
+            writer.close()

@@ -1,0 +1,83 @@
+"""Transparent capture (SPEC §2, port 15001): in a network namespace the test creates, an iptables REDIRECT
+sends a plain `curl http://<VIP>/` to ztunnel, which reads SO_ORIGINAL_DST and tunnels it."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from certs import make_mesh_pki
+from tests.support.daemons import REPO, Daemon, metric_samples, run_curl
+from tests.support.netns import namespace, netns_unavailable, sh
+
+REASON = netns_unavailable() or (None if shutil.which("iptables") else "iptables is not installed")
+pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
+
+SLEEP_IP, ECHO_IP, VIP, Z1, Z2 = "198.18.1.10", "198.18.2.10", "198.18.9.1", "198.18.1.1", "198.18.2.1"
+ECHO_HOST = "echo.default.svc.cluster.local"
+
+
+def config() -> dict:
+    def workload(name: str, ip: str, node: str, services: dict) -> dict:
+        return {"uid": f"c1/{name}", "name": name, "namespace": "default", "serviceAccount": name.split("-")[0],
+                "workloadIps": [ip], "protocol": "HBONE", "node": node, "clusterId": "cluster1",
+                "workloadName": name.split("-")[0], "canonicalName": name.split("-")[0], "services": services}  # fmt: skip
+
+    return {
+        "workloads": [
+            workload("sleep-1", SLEEP_IP, "node1", {}),
+            workload("echo-1", ECHO_IP, "node2", {f"default/{ECHO_HOST}": {80: 8080}}),
+        ],  # fmt: skip
+        "services": [
+            {
+                "name": "echo",
+                "namespace": "default",
+                "hostname": ECHO_HOST,
+                "vips": [f"/{VIP}"],
+                "ports": {80: 8080},
+                "subjectAltNames": ["spiffe://cluster.local/ns/default/sa/echo"],
+            }
+        ],  # fmt: skip
+    }
+
+
+async def test_iptables_redirect_is_captured_and_tunnelled(tmp_path: Path) -> None:
+    pki = make_mesh_pki(tmp_path / "pki", ["cluster1"])
+    path = tmp_path / "mesh.yaml"
+    path.write_text(yaml.safe_dump(config()))
+    with namespace("ztcap", [SLEEP_IP, ECHO_IP, Z1, Z2]) as ns:
+        # Only connections to service VIPs are captured, so ztunnel's own HBONE traffic is not.
+        sh("iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", "198.18.9.0/24", "-j", "REDIRECT",
+           "--to-ports", "15001", ns=ns)  # fmt: skip
+        prefix = ["ip", "netns", "exec", ns]
+        app = subprocess.Popen([*prefix, sys.executable, "-m", "tests.support.httpapp", "--name", "echo-1",
+                                "--listen", f"{ECHO_IP}:8080"], cwd=REPO, stdout=subprocess.PIPE)  # fmt: skip
+        daemons = []
+        try:
+            assert app.stdout is not None and app.stdout.readline().strip() == b"ready"
+            for node, ip, outbound in (("node1", Z1, "0.0.0.0:15001"), ("node2", Z2, "off")):
+                env = {"NODE_NAME": node, "CLUSTER_ID": "cluster1", "LOCAL_XDS_PATH": str(path),
+                       "CA_CERTS_DIR": str(pki["cluster1"]), "SOCKS5_ADDR": "off", "OUTBOUND_ADDR": outbound,
+                       "STATS_ADDR": f"{ip}:15020", "READINESS_ADDR": f"{ip}:15021", "ADMIN_ADDR": f"{ip}:15000"}  # fmt: skip
+                daemon = Daemon("ztunnel_py", env, tmp_path / f"{node}.log", f"{ip}:15021", prefix=prefix)
+                daemons.append(daemon.start())
+            await asyncio.gather(*(d.wait_ready() for d in daemons))
+            code, out, err = await run_curl("--interface", SLEEP_IP, f"http://{VIP}/", prefix=tuple(prefix))
+            assert code == 0, err.decode() + daemons[0].logs()
+            assert out == b"echo-1\n"
+            code, metrics, _ = await run_curl(f"http://{Z1}:15020/metrics", prefix=tuple(prefix))
+            (labels, value), *_ = metric_samples(metrics.decode(), "istio_tcp_connections_opened_total")
+            assert value == 1
+            assert labels["source_workload"] == "sleep" and labels["destination_workload"] == "echo"
+            assert labels["connection_security_policy"] == "mutual_tls"
+        finally:
+            for d in daemons:
+                d.stop()
+            app.terminate()
+            app.wait()
