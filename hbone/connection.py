@@ -75,9 +75,7 @@ class HboneConnection(asyncio.Protocol):
         self.peer_identity = peer_identity
         self.name = name
         self._loop = asyncio.get_running_loop()
-        config = h2.config.H2Configuration(
-            client_side=client, header_encoding=None, validate_inbound_headers=True
-        )
+        config = h2.config.H2Configuration(client_side=client, header_encoding=None, validate_inbound_headers=True)
         self._h2 = make_connection(config, self._on_goaway_frame)
         self._transport: asyncio.Transport | None = None
         self._streams: dict[int, Tunnel] = {}
@@ -318,9 +316,7 @@ class HboneConnection(asyncio.Protocol):
             raise
 
     # -- server API --------------------------------------------------------------------------------------
-    def _send_response(
-        self, tunnel: Tunnel, status: int, headers: list[tuple[str, str]], end_stream: bool
-    ) -> None:
+    def _send_response(self, tunnel: Tunnel, status: int, headers: list[tuple[str, str]], end_stream: bool) -> None:
         if self._closed or tunnel.finished:
             return
         block = [(b":status", str(status).encode()), *((k.encode(), v.encode("latin-1")) for k, v in headers)]

@@ -83,9 +83,7 @@ class Pool:
                 raise ConnectionError(f"new HBONE connection {conn!r} allows no streams")
             return conn
 
-    async def open_stream(
-        self, key: PoolKey, dial: Dialer, authority: str, headers: list[tuple[str, str]]
-    ) -> Tunnel:
+    async def open_stream(self, key: PoolKey, dial: Dialer, authority: str, headers: list[tuple[str, str]]) -> Tunnel:
         conn = await self.acquire(key, dial)
         try:
             return await conn.open_stream(authority, headers, reserved=True)

@@ -74,8 +74,9 @@ class Router:
         """Route a captured connection to `dst_ip:dst_port` (a service VIP, a pod IP, or anything else)."""
         service = self.state.service_by_vip(self.network, dst_ip)
         if service is not None:
-            return self.route_service(source, service, dst_port, original=(dst_ip, dst_port),
-                                      skip_waypoint_of=skip_waypoint_of)  # fmt: skip
+            return self.route_service(
+                source, service, dst_port, original=(dst_ip, dst_port), skip_waypoint_of=skip_waypoint_of
+            )
         workload = self.state.workload_by_address(self.network, dst_ip)
         if workload is not None:
             return self.route_workload(source, workload, dst_ip, dst_port, skip_waypoint_of=skip_waypoint_of)
@@ -85,8 +86,7 @@ class Router:
         self, source: Workload | None, hostname: str, port: int, *, skip_waypoint_of: Identity | None = None
     ) -> Hop:
         """Route to a service by hostname (SOCKS5 with a domain name)."""
-        service = self.state.service_by_hostname(hostname.rstrip(".").lower(),
-                                                 source.namespace if source else None)  # fmt: skip
+        service = self.state.service_by_hostname(hostname.rstrip(".").lower(), source.namespace if source else None)
         if service is None:
             raise RoutingError(f"unknown hostname {hostname!r}: no service has it")
         original = None
@@ -109,14 +109,17 @@ class Router:
         if service.waypoint is not None:
             waypoint = self._pick_gateway_workload(service.waypoint, source)
             if waypoint is None:
-                raise RoutingError(f"service {service.hostname} names waypoint {service.waypoint.destination}, "
-                                   "which is not in the mesh state")  # fmt: skip
+                raise RoutingError(
+                    f"service {service.hostname} names waypoint {service.waypoint.destination}, "
+                    "which is not in the mesh state"
+                )
             if skip_waypoint_of is None or waypoint.identity != skip_waypoint_of:
                 authority = format_authority(*original) if original else f"{service.hostname}:{port}"
                 return self._to_waypoint(waypoint, service.waypoint, authority, service, port, source)
         endpoints = self.state.endpoints(service, port)
-        chosen = choose_endpoint(endpoints, source=source, network=self.network,
-                                 load_balancer=service.load_balancer, rng=self.rng)  # fmt: skip
+        chosen = choose_endpoint(
+            endpoints, source=source, network=self.network, load_balancer=service.load_balancer, rng=self.rng
+        )
         if chosen is None:
             if not endpoints:
                 raise RoutingError(f"service {service.hostname} has no endpoint for port {port}")
@@ -136,8 +139,10 @@ class Router:
         if workload.waypoint is not None:
             waypoint = self._pick_gateway_workload(workload.waypoint, source)
             if waypoint is None:
-                raise RoutingError(f"workload {workload.name} names waypoint {workload.waypoint.destination}, "
-                                   "which is not in the mesh state")  # fmt: skip
+                raise RoutingError(
+                    f"workload {workload.name} names waypoint {workload.waypoint.destination}, "
+                    "which is not in the mesh state"
+                )
             is_self = waypoint.identity == skip_waypoint_of or (source is not None and source.uid == waypoint.uid)
             if not is_self:
                 authority = format_authority(dst_ip, dst_port)
@@ -189,8 +194,18 @@ class Router:
                 raise RoutingError("a workload-addressed connection cannot cross networks to a waypoint")
             hop = self._through_gateway(waypoint, service, port)
             inner = frozenset([*waypoint_sans]) or hop.inner_expected
-            return Hop(HopKind.DOUBLE_HBONE, hop.address, hop.authority, hop.expected, inner, waypoint, service,
-                       via_waypoint=True, gateway=hop.gateway, target_port=port)  # fmt: skip
+            return Hop(
+                HopKind.DOUBLE_HBONE,
+                hop.address,
+                hop.authority,
+                hop.expected,
+                inner,
+                waypoint,
+                service,
+                via_waypoint=True,
+                gateway=hop.gateway,
+                target_port=port,
+            )
         ip = self._local_ip(waypoint)
         return Hop(
             HopKind.HBONE,
@@ -210,8 +225,10 @@ class Router:
         if gateway is None:
             raise RoutingError(f"network gateway {workload.network_gateway.destination} is not in the mesh state")
         if not service.subject_alt_names:
-            raise RoutingError(f"service {service.hostname} lists no subjectAltNames: a remote endpoint cannot be "
-                               "verified through the gateway")  # fmt: skip
+            raise RoutingError(
+                f"service {service.hostname} lists no subjectAltNames: a remote endpoint cannot be "
+                "verified through the gateway"
+            )
         gw_ip = self._gateway_ip(gateway, workload.network_gateway)
         gateway_service = self._waypoint_service(workload.network_gateway)
         gateway_sans = gateway_service.subject_alt_names if gateway_service is not None else ()

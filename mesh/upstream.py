@@ -52,7 +52,9 @@ class Connector:
 
         async def dialer():
             # From the workload's own IP where we can, so the destination can tell who the source is.
-            return await dial(address, ctx, wanted, local_identity=source, settings=self.h2, source_ip=source_ip or None)
+            return await dial(
+                address, ctx, wanted, local_identity=source, settings=self.h2, source_ip=source_ip or None
+            )
 
         return await self.pool.open_stream(key, dialer, authority, headers)
 

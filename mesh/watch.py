@@ -87,8 +87,11 @@ class StateWatcher:
         self.last_error = None
         log.info(
             "mesh config reloaded from %s: %d workloads, %d services, %d policies",
-            self.path, len(config.workloads), len(config.services), len(config.policies),
-        )  # fmt: skip
+            self.path,
+            len(config.workloads),
+            len(config.services),
+            len(config.policies),
+        )
         for listener in self._listeners:
             try:
                 listener(self.state)

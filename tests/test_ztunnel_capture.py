@@ -25,15 +25,25 @@ ECHO_HOST = "echo.default.svc.cluster.local"
 
 def config() -> dict:
     def workload(name: str, ip: str, node: str, services: dict) -> dict:
-        return {"uid": f"c1/{name}", "name": name, "namespace": "default", "serviceAccount": name.split("-")[0],
-                "workloadIps": [ip], "protocol": "HBONE", "node": node, "clusterId": "cluster1",
-                "workloadName": name.split("-")[0], "canonicalName": name.split("-")[0], "services": services}  # fmt: skip
+        return {
+            "uid": f"c1/{name}",
+            "name": name,
+            "namespace": "default",
+            "serviceAccount": name.split("-")[0],
+            "workloadIps": [ip],
+            "protocol": "HBONE",
+            "node": node,
+            "clusterId": "cluster1",
+            "workloadName": name.split("-")[0],
+            "canonicalName": name.split("-")[0],
+            "services": services,
+        }
 
     return {
         "workloads": [
             workload("sleep-1", SLEEP_IP, "node1", {}),
             workload("echo-1", ECHO_IP, "node2", {f"default/{ECHO_HOST}": {80: 8080}}),
-        ],  # fmt: skip
+        ],
         "services": [
             {
                 "name": "echo",
@@ -43,7 +53,7 @@ def config() -> dict:
                 "ports": {80: 8080},
                 "subjectAltNames": ["spiffe://cluster.local/ns/default/sa/echo"],
             }
-        ],  # fmt: skip
+        ],
     }
 
 
@@ -53,18 +63,43 @@ async def test_iptables_redirect_is_captured_and_tunnelled(tmp_path: Path) -> No
     path.write_text(yaml.safe_dump(config()))
     with namespace("ztcap", [SLEEP_IP, ECHO_IP, Z1, Z2]) as ns:
         # Only connections to service VIPs are captured, so ztunnel's own HBONE traffic is not.
-        sh("iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", "198.18.9.0/24", "-j", "REDIRECT",
-           "--to-ports", "15001", ns=ns)  # fmt: skip
+        sh(
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            "198.18.9.0/24",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "15001",
+            ns=ns,
+        )
         prefix = ["ip", "netns", "exec", ns]
-        app = subprocess.Popen([*prefix, sys.executable, "-m", "tests.support.httpapp", "--name", "echo-1",
-                                "--listen", f"{ECHO_IP}:8080"], cwd=REPO, stdout=subprocess.PIPE)  # fmt: skip
+        app = subprocess.Popen(
+            [*prefix, sys.executable, "-m", "tests.support.httpapp", "--name", "echo-1", "--listen", f"{ECHO_IP}:8080"],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+        )
         daemons = []
         try:
             assert app.stdout is not None and app.stdout.readline().strip() == b"ready"
             for node, ip, outbound in (("node1", Z1, "0.0.0.0:15001"), ("node2", Z2, "off")):
-                env = {"NODE_NAME": node, "CLUSTER_ID": "cluster1", "LOCAL_XDS_PATH": str(path),
-                       "CA_CERTS_DIR": str(pki["cluster1"]), "SOCKS5_ADDR": "off", "OUTBOUND_ADDR": outbound,
-                       "STATS_ADDR": f"{ip}:15020", "READINESS_ADDR": f"{ip}:15021", "ADMIN_ADDR": f"{ip}:15000"}  # fmt: skip
+                env = {
+                    "NODE_NAME": node,
+                    "CLUSTER_ID": "cluster1",
+                    "LOCAL_XDS_PATH": str(path),
+                    "CA_CERTS_DIR": str(pki["cluster1"]),
+                    "SOCKS5_ADDR": "off",
+                    "OUTBOUND_ADDR": outbound,
+                    "STATS_ADDR": f"{ip}:15020",
+                    "READINESS_ADDR": f"{ip}:15021",
+                    "ADMIN_ADDR": f"{ip}:15000",
+                }
                 daemon = Daemon("ztunnel_py", env, tmp_path / f"{node}.log", f"{ip}:15021", prefix=prefix)
                 daemons.append(daemon.start())
             await asyncio.gather(*(d.wait_ready() for d in daemons))

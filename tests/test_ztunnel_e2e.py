@@ -22,11 +22,21 @@ ECHO_HOST = "echo.default.svc.cluster.local"
 def mesh_config(policies: list[dict] | None = None, echo_policies: list[str] | None = None) -> dict:
     def workload(name: str, ip: str, node: str, sa: str, services: dict | None = None, **extra: object) -> dict:
         return {
-            "uid": f"cluster1//v1/Pod/default/{name}", "name": name, "namespace": "default", "serviceAccount": sa,
-            "workloadIps": [ip], "protocol": "HBONE", "node": node, "clusterId": "cluster1",
-            "workloadName": name.rsplit("-", 1)[0], "workloadType": "deployment", "canonicalName": sa,
-            "canonicalRevision": "v1", "services": services or {}, **extra,
-        }  # fmt: skip
+            "uid": f"cluster1//v1/Pod/default/{name}",
+            "name": name,
+            "namespace": "default",
+            "serviceAccount": sa,
+            "workloadIps": [ip],
+            "protocol": "HBONE",
+            "node": node,
+            "clusterId": "cluster1",
+            "workloadName": name.rsplit("-", 1)[0],
+            "workloadType": "deployment",
+            "canonicalName": sa,
+            "canonicalRevision": "v1",
+            "services": services or {},
+            **extra,
+        }
 
     return {
         "workloads": [
@@ -39,7 +49,7 @@ def mesh_config(policies: list[dict] | None = None, echo_policies: list[str] | N
                 {f"default/{ECHO_HOST}": {80: 8080}},
                 authorizationPolicies=echo_policies or [],
             ),
-        ],  # fmt: skip
+        ],
         "services": [
             {
                 "name": "echo",
@@ -49,7 +59,7 @@ def mesh_config(policies: list[dict] | None = None, echo_policies: list[str] | N
                 "ports": {80: 8080},
                 "subjectAltNames": ["spiffe://cluster.local/ns/default/sa/echo"],
             },
-        ],  # fmt: skip
+        ],
         "policies": policies or [],
     }
 
@@ -63,11 +73,17 @@ async def mesh(tmp_path: Path):
     daemons = []
     for node, ip in (("node1", Z1), ("node2", Z2)):
         env = {
-            "NODE_NAME": node, "CLUSTER_ID": "cluster1", "LOCAL_XDS_PATH": str(config),
-            "CA_CERTS_DIR": str(pki["cluster1"]), "SOCKS5_ADDR": f"{ip}:15080", "OUTBOUND_ADDR": "off",
-            "STATS_ADDR": f"{ip}:15020", "READINESS_ADDR": f"{ip}:15021", "ADMIN_ADDR": f"{ip}:15000",
+            "NODE_NAME": node,
+            "CLUSTER_ID": "cluster1",
+            "LOCAL_XDS_PATH": str(config),
+            "CA_CERTS_DIR": str(pki["cluster1"]),
+            "SOCKS5_ADDR": f"{ip}:15080",
+            "OUTBOUND_ADDR": "off",
+            "STATS_ADDR": f"{ip}:15020",
+            "READINESS_ADDR": f"{ip}:15021",
+            "ADMIN_ADDR": f"{ip}:15000",
             "DRAIN_DEADLINE": "5s",
-        }  # fmt: skip
+        }
         daemons.append(Daemon("ztunnel_py", env, tmp_path / f"ztunnel-{node}.log", f"{ip}:15021").start())
     try:
         await asyncio.gather(*(d.wait_ready() for d in daemons))
@@ -99,14 +115,17 @@ async def test_64mib_download_and_upload_byte_exact(mesh) -> None:
     upload = mesh["tmp"] / "upload.bin"
     data = os.urandom(size)
     upload.write_bytes(data)
-    code, out, err = await run_curl(*socks("--data-binary", f"@{upload}", "-H", "Content-Type: application/octet-stream",
-                                           f"http://{ECHO_HOST}/sha256"))  # fmt: skip
+    code, out, err = await run_curl(
+        *socks(
+            "--data-binary", f"@{upload}", "-H", "Content-Type: application/octet-stream", f"http://{ECHO_HOST}/sha256"
+        )
+    )
     assert code == 0, err
     assert out.decode().split() == [str(size), hashlib.sha256(data).hexdigest()]
 
 
 async def test_metrics_on_both_sides(mesh) -> None:
-    code, out, err = await run_curl(*socks(f"http://{ECHO_HOST}/bytes/100000"))
+    code, _out, err = await run_curl(*socks(f"http://{ECHO_HOST}/bytes/100000"))
     assert code == 0, err
     await asyncio.sleep(0.2)
     src_text = await scrape(f"{Z1}:15020")
@@ -137,17 +156,25 @@ async def test_metrics_on_both_sides(mesh) -> None:
         assert 0 < received < 1000  # the request: client → server
         assert "_created" not in text
         assert 'istio_build{component="ztunnel",tag="0.1.0"} 1.0' in text
-        assert metric_samples(text, "istio_tcp_sockets_open") in ([], [({"reporter": "source"}, 0.0)],
-                                                                    [({"reporter": "destination"}, 0.0)])  # fmt: skip
+        assert metric_samples(text, "istio_tcp_sockets_open") in (
+            [],
+            [({"reporter": "source"}, 0.0)],
+            [({"reporter": "destination"}, 0.0)],
+        )
 
 
 async def test_deny_policy_refuses_with_401_and_deny_flag_on_both_sides(mesh) -> None:
-    deny = {"name": "deny-sleep", "namespace": "default", "scope": "Namespace", "action": "Deny",
-            "rules": [[[{"principals": [{"Exact": "cluster.local/ns/default/sa/sleep"}]}]]]}  # fmt: skip
+    deny = {
+        "name": "deny-sleep",
+        "namespace": "default",
+        "scope": "Namespace",
+        "action": "Deny",
+        "rules": [[[{"principals": [{"Exact": "cluster.local/ns/default/sa/sleep"}]}]]],
+    }
     config: Path = mesh["config"]
     config.write_text(yaml.safe_dump(mesh_config(policies=[deny])))
     await asyncio.sleep(1.6)  # the file is checked once a second
-    code, out, err = await run_curl(*socks(f"http://{ECHO_HOST}/"))
+    code, out, _err = await run_curl(*socks(f"http://{ECHO_HOST}/"))
     assert code != 0 and out == b""
     src = await scrape(f"{Z1}:15020")
     dst = await scrape(f"{Z2}:15020")
@@ -156,8 +183,13 @@ async def test_deny_policy_refuses_with_401_and_deny_flag_on_both_sides(mesh) ->
         assert [labels["response_flags"] for labels, _ in failed] == ["DENY"]
     assert "refused with 401" in mesh["ztunnels"][1].logs()
     # A missing ALLOW: an ALLOW policy for someone else refuses sleep too.
-    allow_other = {"name": "allow-other", "namespace": "default", "scope": "WorkloadSelector", "action": "Allow",
-                   "rules": [[[{"principals": [{"Exact": "cluster.local/ns/default/sa/other"}]}]]]}  # fmt: skip
+    allow_other = {
+        "name": "allow-other",
+        "namespace": "default",
+        "scope": "WorkloadSelector",
+        "action": "Allow",
+        "rules": [[[{"principals": [{"Exact": "cluster.local/ns/default/sa/other"}]}]]],
+    }
     config.write_text(yaml.safe_dump(mesh_config(policies=[allow_other], echo_policies=["default/allow-other"])))
     await asyncio.sleep(1.6)
     code, out, _ = await run_curl(*socks(f"http://{ECHO_HOST}/"))

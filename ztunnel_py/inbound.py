@@ -90,8 +90,9 @@ class Inbound:
 
         result = await Relay(progress).start(tunnel, app)  # type: ignore[arg-type]
         recorder.close(NO_FLAGS)
-        self._log(call, 200, NO_FLAGS, result.a_to_b, result.b_to_a, started,
-                  str(result.error) if result.error else None)  # fmt: skip
+        self._log(
+            call, 200, NO_FLAGS, result.a_to_b, result.b_to_a, started, str(result.error) if result.error else None
+        )
 
     # -- the checks of SPEC §3.4, in order -----------------------------------------------------------
     def _resolve(self, call: InboundCall) -> None:
@@ -149,16 +150,29 @@ class Inbound:
             ConnectionInfo(call.source_identity, call.peer[0], call.local_ip, call.target_port),
         )
         for dry in decision.dry_run:
-            log.info("dry-run policy %s (%s) %s connection from %s to %s:%d", dry.policy, dry.action,
-                     "matches" if dry.matched else "does not match", call.source_identity, call.local_ip,
-                     call.target_port)  # fmt: skip
+            log.info(
+                "dry-run policy %s (%s) %s connection from %s to %s:%d",
+                dry.policy,
+                dry.action,
+                "matches" if dry.matched else "does not match",
+                call.source_identity,
+                call.local_ip,
+                call.target_port,
+            )
         if not decision.allowed:
             raise Refused(401, f"denied by policy: {decision.reason}", "DENY")
 
     # -- results -------------------------------------------------------------------------------------
     def _refuse(self, call: InboundCall, exc: Refused, started: float, counted: bool = False) -> None:
-        log.warning("inbound CONNECT %s from %s (%s:%d) refused with %d: %s", call.tunnel.authority,
-                    call.source_identity, call.peer[0], call.peer[1], exc.status, exc)  # fmt: skip
+        log.warning(
+            "inbound CONNECT %s from %s (%s:%d) refused with %d: %s",
+            call.tunnel.authority,
+            call.source_identity,
+            call.peer[0],
+            call.peer[1],
+            exc.status,
+            exc,
+        )
         call.tunnel.respond(exc.status)
         if not counted and exc.status != 400:
             self.node.tcp.open(self._labels(call)).close(exc.flag)
@@ -184,23 +198,25 @@ class Inbound:
         if not access.enabled:
             return
         dest = call.destination
-        access.write({
-            "direction": "inbound",
-            "src.addr": f"{call.peer[0]}:{call.peer[1]}",
-            "src.identity": str(call.source_identity) if call.source_identity else None,
-            "src.workload": call.source_labels.workload if call.source_labels else None,
-            "dst.addr": f"{call.local_ip}:{call.target_port}" if call.target_port else call.local_ip,
-            "dst.hbone_addr": call.tunnel.authority,
-            "dst.service": call.service.hostname if call.service else None,
-            "dst.workload": dest.name if dest else None,
-            "dst.identity": str(dest.identity) if dest else None,
-            "status": status,
-            "bytes_recv": received,
-            "bytes_sent": sent,
-            "duration": f"{(time.monotonic() - started) * 1000:.1f}ms",
-            "flags": flags,
-            "error": error,
-        })  # fmt: skip
+        access.write(
+            {
+                "direction": "inbound",
+                "src.addr": f"{call.peer[0]}:{call.peer[1]}",
+                "src.identity": str(call.source_identity) if call.source_identity else None,
+                "src.workload": call.source_labels.workload if call.source_labels else None,
+                "dst.addr": f"{call.local_ip}:{call.target_port}" if call.target_port else call.local_ip,
+                "dst.hbone_addr": call.tunnel.authority,
+                "dst.service": call.service.hostname if call.service else None,
+                "dst.workload": dest.name if dest else None,
+                "dst.identity": str(dest.identity) if dest else None,
+                "status": status,
+                "bytes_recv": received,
+                "bytes_sent": sent,
+                "duration": f"{(time.monotonic() - started) * 1000:.1f}ms",
+                "flags": flags,
+                "error": error,
+            }
+        )
 
 
 def _is_waypoint_for(node: Node, dest: Workload, target_ip: str) -> bool:

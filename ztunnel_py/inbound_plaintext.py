@@ -36,8 +36,12 @@ class PlaintextProtocol(Buffered):
         dst = original_destination(sock) if sock is not None else None
         dest = node.local_workload(dst[0]) if dst else None
         if dst is None or dest is None or dst[1] in node.own_ports:
-            log.warning("plaintext inbound from %s:%d refused: original destination %s is not a local workload port",
-                        peer[0], peer[1], dst)  # fmt: skip
+            log.warning(
+                "plaintext inbound from %s:%d refused: original destination %s is not a local workload port",
+                peer[0],
+                peer[1],
+                dst,
+            )
             transport.close()
             return
         source = node.state.workload_by_address(node.ctx.network, peer[0])
@@ -70,8 +74,14 @@ class PlaintextProtocol(Buffered):
         result = await Relay(progress).start(transport, app)  # type: ignore[arg-type]
         recorder.close(NO_FLAGS)
         if node.ctx.access_log.enabled:
-            node.ctx.access_log.write({
-                "direction": "inbound-plaintext", "src.addr": f"{peer[0]}:{peer[1]}",
-                "dst.addr": f"{dst[0]}:{dst[1]}", "dst.workload": dest.name, "bytes_recv": result.a_to_b,
-                "bytes_sent": result.b_to_a, "duration": f"{(time.monotonic() - started) * 1000:.1f}ms",
-            })  # fmt: skip
+            node.ctx.access_log.write(
+                {
+                    "direction": "inbound-plaintext",
+                    "src.addr": f"{peer[0]}:{peer[1]}",
+                    "dst.addr": f"{dst[0]}:{dst[1]}",
+                    "dst.workload": dest.name,
+                    "bytes_recv": result.a_to_b,
+                    "bytes_sent": result.b_to_a,
+                    "duration": f"{(time.monotonic() - started) * 1000:.1f}ms",
+                }
+            )

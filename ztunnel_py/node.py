@@ -119,21 +119,23 @@ class Node:
         if not log.enabled:
             return
         client = getattr(request, "client", ("", 0))
-        log.write({
-            "direction": "outbound",
-            "src.addr": f"{client[0]}:{client[1]}",
-            "src.workload": source.name,
-            "src.namespace": source.namespace,
-            "src.identity": str(source.identity),
-            "dst.addr": f"{hop.address[0]}:{hop.address[1]}",
-            "dst.hbone_addr": hop.authority or None,
-            "dst.service": hop.service_hostname,
-            "dst.workload": hop.workload.name if hop.workload is not None else None,
-            "dst.identity": ",".join(sorted(str(i) for i in hop.expected)) or None,
-            "route": hop.kind.value,
-            "bytes_sent": sent,
-            "bytes_recv": received,
-            "duration": f"{duration * 1000:.1f}ms",
-            "flags": flags,
-            "error": error,
-        })  # fmt: skip
+        log.write(
+            {
+                "direction": "outbound",
+                "src.addr": f"{client[0]}:{client[1]}",
+                "src.workload": source.name,
+                "src.namespace": source.namespace,
+                "src.identity": str(source.identity),
+                "dst.addr": f"{hop.address[0]}:{hop.address[1]}",
+                "dst.hbone_addr": hop.authority or None,
+                "dst.service": hop.service_hostname,
+                "dst.workload": hop.workload.name if hop.workload is not None else None,
+                "dst.identity": ",".join(sorted(str(i) for i in hop.expected)) or None,
+                "route": hop.kind.value,
+                "bytes_sent": sent,
+                "bytes_recv": received,
+                "duration": f"{duration * 1000:.1f}ms",
+                "flags": flags,
+                "error": error,
+            }
+        )

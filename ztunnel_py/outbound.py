@@ -62,14 +62,21 @@ class Outbound:
         if source is None:
             log.warning(
                 "refused outbound connection from %s to %s:%d: %s is not a workload on this node",
-                request.client[0], request.host, request.port, request.client[0],
-            )  # fmt: skip
+                request.client[0],
+                request.host,
+                request.port,
+                request.client[0],
+            )
             outcome(SOCKS_NOT_ALLOWED)
             transport.close()
             return
         if node.is_self_call(request.host, request.port):
-            log.warning("refused outbound connection from %s to %s:%d: a loop into ztunnel itself",
-                        source.name, request.host, request.port)  # fmt: skip
+            log.warning(
+                "refused outbound connection from %s to %s:%d: a loop into ztunnel itself",
+                source.name,
+                request.host,
+                request.port,
+            )
             outcome(SOCKS_NOT_ALLOWED)
             transport.close()
             return
@@ -97,8 +104,11 @@ class Outbound:
             log.warning("outbound %s -> %s failed: %s", source.name, _where(hop), reason)
             recorder.close(flag)
             node.access_log_outbound(source, hop, request, 0, 0, time.monotonic() - started, flag, reason)
-            code = SOCKS_NOT_ALLOWED if flag == "DENY" else (
-                SOCKS_REFUSED if isinstance(exc, ConnectRefused) else SOCKS_HOST_UNREACHABLE)  # fmt: skip
+            code = (
+                SOCKS_NOT_ALLOWED
+                if flag == "DENY"
+                else (SOCKS_REFUSED if isinstance(exc, ConnectRefused) else SOCKS_HOST_UNREACHABLE)
+            )
             outcome(code)
             transport.close()  # after the reply, so the client learns why
             return
@@ -117,8 +127,16 @@ class Outbound:
         result = await relay.start(transport, upstream)
         flag = NO_FLAGS
         recorder.close(flag)
-        node.access_log_outbound(source, hop, request, result.a_to_b, result.b_to_a, time.monotonic() - started,
-                                 flag, str(result.error) if result.error else None)  # fmt: skip
+        node.access_log_outbound(
+            source,
+            hop,
+            request,
+            result.a_to_b,
+            result.b_to_a,
+            time.monotonic() - started,
+            flag,
+            str(result.error) if result.error else None,
+        )
 
     async def _connect(self, source: Workload, hop: Hop, request: OutboundRequest) -> asyncio.Transport:
         node = self.node
@@ -131,8 +149,10 @@ class Outbound:
                 node.connect_timeout * 2,
             )
         if hop.kind is HopKind.DOUBLE_HBONE:
-            inner_headers = [*connect_headers(node.baggage_of(source), request.client, hop.service_hostname),
-                             (X_FORWARDED_NETWORK, node.ctx.network)]  # fmt: skip
+            inner_headers = [
+                *connect_headers(node.baggage_of(source), request.client, hop.service_hostname),
+                (X_FORWARDED_NETWORK, node.ctx.network),
+            ]
             return await asyncio.wait_for(
                 node.ctx.connector.connect_double(
                     source.identity,

@@ -65,22 +65,33 @@ class Ztunnel:
             self._fixed.append(await self.hbone.listen(host, port))
         if s.inbound_plaintext_addr and s.inbound_plaintext_addr != OFF:
             host, port = _split_addr(s.inbound_plaintext_addr)
-            self._fixed.append(await loop.create_server(lambda: PlaintextProtocol(self.node), host, port,
-                                                        reuse_address=True))  # fmt: skip
+            self._fixed.append(
+                await loop.create_server(lambda: PlaintextProtocol(self.node), host, port, reuse_address=True)
+            )
         if s.socks5_addr != OFF:
             host, port = _split_addr(s.socks5_addr)
-            self._fixed.append(await loop.create_server(lambda: socks5_factory(self.outbound), host, port,
-                                                        reuse_address=True, backlog=1024))  # fmt: skip
+            self._fixed.append(
+                await loop.create_server(
+                    lambda: socks5_factory(self.outbound), host, port, reuse_address=True, backlog=1024
+                )
+            )
         if s.outbound_addr != OFF:
             host, port = _split_addr(s.outbound_addr)
-            self._fixed.append(await loop.create_server(lambda: CaptureProtocol(self.outbound), host, port,
-                                                        reuse_address=True, backlog=1024))  # fmt: skip
+            self._fixed.append(
+                await loop.create_server(
+                    lambda: CaptureProtocol(self.outbound), host, port, reuse_address=True, backlog=1024
+                )
+            )
         await self._reconcile()
         await self.ctx.serve_admin(self._config_dump)
         self.ctx.readiness.mark_ready("listeners")
-        log.info("ztunnel ready: node=%s network=%r cluster=%s local workloads: %s", self.node.node_name,
-                 self.ctx.network, self.ctx.cluster_id,
-                 ", ".join(w.name for w in self.node.local_workloads()) or "none")  # fmt: skip
+        log.info(
+            "ztunnel ready: node=%s network=%r cluster=%s local workloads: %s",
+            self.node.node_name,
+            self.ctx.network,
+            self.ctx.cluster_id,
+            ", ".join(w.name for w in self.node.local_workloads()) or "none",
+        )
 
     async def _reconcile(self) -> None:
         """One HBONE (and plaintext) listener per local workload IP, unless fixed addresses are set."""

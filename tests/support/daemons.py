@@ -30,9 +30,12 @@ class Daemon:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - kept open for the process's life
         self.proc = subprocess.Popen(
-            [*self.prefix, sys.executable, "-m", self.module], env=env, cwd=REPO,
-            stdout=self._log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [*self.prefix, sys.executable, "-m", self.module],
+            env=env,
+            cwd=REPO,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
         return self
 
     async def wait_ready(self, timeout: float = 20.0) -> None:
@@ -49,8 +52,10 @@ class Daemon:
 
     def _ready_once(self) -> bool:
         if self.prefix:  # inside a network namespace: ask from there
-            done = subprocess.run([*self.prefix, "curl", "-sf", "--max-time", "1", f"http://{self.readiness}/healthz/ready"],
-                                  capture_output=True)  # fmt: skip
+            done = subprocess.run(
+                [*self.prefix, "curl", "-sf", "--max-time", "1", f"http://{self.readiness}/healthz/ready"],
+                capture_output=True,
+            )
             return done.returncode == 0
         try:
             with urllib.request.urlopen(f"http://{self.readiness}/healthz/ready", timeout=1) as resp:
@@ -100,9 +105,15 @@ def metric_samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
 
 async def run_curl(*args: str, timeout: float = 60.0, prefix: tuple[str, ...] = ()) -> tuple[int, bytes, bytes]:
     proc = await asyncio.create_subprocess_exec(
-        *prefix, "curl", "-sS", "--max-time", str(int(timeout)), *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        *prefix,
+        "curl",
+        "-sS",
+        "--max-time",
+        str(int(timeout)),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await proc.communicate()
     assert proc.returncode is not None
     return proc.returncode, out, err
