@@ -51,7 +51,7 @@ class Gateway:
         started = time.monotonic()
         state = self.ctx.watcher.state  # one snapshot per stream: a reload applies to the next stream
         identity = tunnel.connection.peer_identity
-        source = self.sources.labels(state, identity, tunnel.header_values("baggage"))
+        source = self.sources.labels(identity, tunnel.header_values("baggage"))
         labels = TrafficLabels(REPORTER, source=source, connection_security_policy=MUTUAL_TLS)
         entry = _Entry(self.ctx, tunnel, labels, started)
         assert tunnel.target is not None  # the server parsed it before calling us

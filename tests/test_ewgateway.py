@@ -379,8 +379,10 @@ async def test_large_body_relayed_opaquely_with_metrics_from_the_outer_peer_only
     try:
         await gateway.wait_ready()
         authority = f"{SERVER}:80"
-        # The outer baggage claims another workload: the gateway must believe its mesh state instead.
-        outer_baggage = "k8s.namespace.name=default,k8s.deployment.name=outer-claim,service.name=outer-claim"
+        # The outer peer came from another network: its outer baggage (flag on) names it.
+        outer_baggage = (
+            "k8s.cluster.name=cluster1,k8s.namespace.name=default,k8s.deployment.name=sleep,service.name=sleep"
+        )
         inner_headers = [("baggage", f"k8s.deployment.name={INNER_MARKER},service.name={INNER_MARKER}"),
                          ("x-forwarded-network", "network1"), ("x-inner-marker", INNER_MARKER)]  # fmt: skip
         d = await double(connector, gateway, authority, [server_identity("server-a")],
@@ -408,8 +410,7 @@ async def test_large_body_relayed_opaquely_with_metrics_from_the_outer_peer_only
         await eventually(bytes_match, what="the gateway's byte counts to match the outer stream")
         assert d.outer.bytes_sent > total  # the relayed bytes are ciphertext of the inner session
 
-        # A second source the state does not know: with baggage on, its outer baggage fills the labels,
-        # but the namespace stays the one its certificate proves.
+        # A second source whose baggage lies about its namespace: the certificate's namespace wins.
         liar = "k8s.namespace.name=kube-system,k8s.deployment.name=stranger-app,service.version=v9"
         tunnel = await connector.connect_double(STRANGER, [GATEWAY], gateway.address, authority,
                                                 [("baggage", liar)], [server_identity("server-a")],
