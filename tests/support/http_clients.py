@@ -3,7 +3,6 @@ speak HTTP/1.1 (h11) or HTTP/2 (h2) inside the tunnel."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import random
 from dataclasses import dataclass
@@ -111,34 +110,40 @@ class GrpcResult:
     trailers: dict[str, str]
 
 
-async def grpc_call(tunnel: Tunnel, authority: str, path: str, message: bytes) -> GrpcResult:
-    """One unary gRPC-style call (length-prefixed message, te: trailers) over HTTP/2 prior knowledge."""
+async def grpc_calls(tunnel: Tunnel, authority: str, path: str, messages: list[bytes]) -> list[GrpcResult]:
+    """Unary gRPC-style calls (length-prefixed message, te: trailers), all at once on one HTTP/2 connection
+    with prior knowledge; results in the order of `messages`."""
     reader, writer = stream_pair(tunnel)
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
     conn.initiate_connection()
-    sid = conn.get_next_available_stream_id()
-    conn.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":authority", authority), (":path", path),
-                            ("content-type", "application/grpc"), ("te", "trailers")])  # fmt: skip
-    frame = b"\x00" + len(message).to_bytes(4, "big") + message
-    conn.send_data(sid, frame, end_stream=True)
+    order = []
+    for message in messages:
+        sid = conn.get_next_available_stream_id()
+        order.append(sid)
+        headers = [(":method", "POST"), (":scheme", "http"), (":authority", authority), (":path", path),
+                   ("content-type", "application/grpc"), ("te", "trailers")]  # fmt: skip
+        conn.send_headers(sid, headers)
+        conn.send_data(sid, b"\x00" + len(message).to_bytes(4, "big") + message, end_stream=True)
     writer.write(conn.data_to_send())
-    headers: dict[str, str] = {}
-    trailers: dict[str, str] = {}
-    data = bytearray()
-    ended = False
-    while not ended:
+    results = {sid: GrpcResult({}, b"", {}) for sid in order}
+    data = {sid: bytearray() for sid in order}
+    open_streams = set(order)
+    while open_streams:
         chunk = await reader.read(1 << 16)
-        assert chunk, "the waypoint closed the HTTP/2 connection before the call ended"
+        assert chunk, "the waypoint closed the HTTP/2 connection before the calls ended"
         for event in conn.receive_data(chunk):
+            sid = getattr(event, "stream_id", 0)
             if isinstance(event, h2.events.ResponseReceived):
-                headers = dict(event.headers)  # type: ignore[arg-type]
+                results[sid].headers = dict(event.headers)  # type: ignore[arg-type]
             elif isinstance(event, h2.events.DataReceived):
-                data += event.data
-                conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                data[sid] += event.data
+                conn.acknowledge_received_data(event.flow_controlled_length, sid)
             elif isinstance(event, h2.events.TrailersReceived):
-                trailers = dict(event.headers)  # type: ignore[arg-type]
+                results[sid].trailers = dict(event.headers)  # type: ignore[arg-type]
             elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
-                ended = True
+                open_streams.discard(sid)
         writer.write(conn.data_to_send())
     writer.close()
-    return GrpcResult(headers, bytes(data), trailers)
+    for sid in order:
+        results[sid].data = bytes(data[sid])
+    return [results[sid] for sid in order]

@@ -34,8 +34,15 @@ class StandInHbone:
 
     `response_baggage` is added to the 200 (like a destination ztunnel with response baggage on)."""
 
-    def __init__(self, pki: TestPki, identity: Identity, *, cluster: str = "cluster1",
-                 targets: dict[str, tuple[str, int]] | None = None, response_baggage: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        pki: TestPki,
+        identity: Identity,
+        *,
+        cluster: str = "cluster1",
+        targets: dict[str, tuple[str, int]] | None = None,
+        response_baggage: str | None = None,
+    ) -> None:
         self.identity = identity
         self.targets = targets or {}
         self.response_baggage = response_baggage

@@ -1,0 +1,243 @@
+"""The waypoint end to end (baggage flag off): the real `python -m waypoint_py` between an HBONE client and
+stand-in ztunnels at the endpoints' podIP:15008, routing every request on its own."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from hbone.errors import ConnectRefused
+from mesh.metrics import HTTP_BUCKETS
+from tests.support.http_clients import Http1Client, open_tunnel
+from tests.support.pki import TestPki
+from tests.support.waypoint_mesh import (
+    CLIENT_ID,
+    REMOTE_ID,
+    WAYPOINT_ID,
+    Endpoints,
+    Topology,
+    baggage_of,
+    fqdn,
+)
+from tests.support.waypoint_proc import WaypointProcess, series, total
+
+REQUESTS = "istio_requests_total"
+
+
+@pytest.fixture(scope="module")
+def topo() -> Topology:
+    return Topology()
+
+
+@pytest.fixture(scope="module")
+def waypoint(topo: Topology, pki: TestPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WaypointProcess]:
+    proc = topo.start_waypoint(pki, Path(tmp_path_factory.mktemp("waypoint")), baggage=False)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+async def endpoints(topo: Topology, pki: TestPki, waypoint: WaypointProcess) -> AsyncIterator[Endpoints]:
+    eps = await Endpoints(topo, pki, response_baggage=False).start()
+    yield eps
+    await eps.close()
+
+
+async def client_for(pki: TestPki, wp: WaypointProcess, authority: str,
+                     baggage: str | None = None) -> Http1Client:  # fmt: skip
+    headers = [("baggage", baggage)] if baggage else []
+    _, tunnel = await open_tunnel(pki, CLIENT_ID, wp.inbound, WAYPOINT_ID, authority, headers)
+    return Http1Client(tunnel)
+
+
+async def test_requests_on_one_connection_spread_over_endpoints(
+    pki: TestPki, topo: Topology, waypoint: WaypointProcess, endpoints: Endpoints
+) -> None:
+    client = await client_for(pki, waypoint, topo.authority("echo"), baggage_of("liar"))
+    seen: Counter[str] = Counter()
+    for _ in range(300):
+        resp = await client.request("GET", "/", "echo:80")
+        assert resp.status == 200
+        seen[resp.headers["x-endpoint"]] += 1
+    client.close()
+    assert set(seen) == {"echo-1", "echo-2", "echo-3"}
+    for name, n in seen.items():
+        assert 0.23 * 300 <= n <= 0.43 * 300, (name, seen)
+    # Flag off: labels come from the state, never from the client's baggage; none is sent upstream.
+    samples = waypoint.scrape()
+    labels = dict(reporter="waypoint", source_workload="sleep", source_canonical_service="sleep",
+                  source_principal=str(CLIENT_ID), destination_workload="echo", destination_service=fqdn("echo"),
+                  destination_principal="spiffe://cluster.local/ns/default/sa/echo", response_code="200",
+                  request_protocol="http", response_flags="-", connection_security_policy="mutual_tls")  # fmt: skip
+    assert total(samples, REQUESTS, **labels) >= 300
+    assert total(samples, REQUESTS, source_workload="liar") == 0
+    connects = [c for z in endpoints.ztunnels.values() for c in z.connects]
+    assert len(connects) == 300
+    assert all("baggage" not in c.headers for c in connects)
+    assert all(c.headers["forwarded"].endswith(f";host={fqdn('echo')}") for c in connects)
+
+
+async def test_weighted_split(pki: TestPki, topo: Topology, waypoint: WaypointProcess, endpoints: Endpoints) -> None:
+    async def run(connection: int) -> list[str]:
+        client = await client_for(pki, waypoint, topo.authority("echo"))
+        seen = []
+        for i in range(100):
+            resp = await client.request("GET", f"/split/{connection}/{i}", "echo:80")
+            assert resp.status == 200
+            seen.append(resp.headers["x-endpoint"])
+        client.close()
+        return seen
+
+    # Ten keep-alive connections at once, a hundred requests each: the split holds per request.
+    results = await asyncio.gather(*(run(c) for c in range(10)))
+    to_v2 = sum(name == "echo-v2" for seen in results for name in seen)
+    assert 150 <= to_v2 <= 250, to_v2
+
+
+async def test_header_and_path_matches(pki: TestPki, topo: Topology, waypoint: WaypointProcess,
+                                       endpoints: Endpoints) -> None:  # fmt: skip
+    client = await client_for(pki, waypoint, topo.authority("echo"))
+    assert (await client.request("GET", "/", "echo", [("x-version", "v2")])).headers["x-endpoint"] == "echo-v2"
+    assert (await client.request("GET", "/v2/reviews", "echo")).headers["x-endpoint"] == "echo-v2"
+    assert (await client.request("GET", "/v2", "echo")).headers["x-endpoint"] == "echo-v2"
+    # A prefix matches whole path elements only; a non-matching header falls through to the default rule.
+    assert (await client.request("GET", "/v2x", "echo")).headers["x-endpoint"] != "echo-v2"
+    assert (await client.request("GET", "/", "echo", [("x-version", "v3")])).headers["x-endpoint"] != "echo-v2"
+    client.close()
+
+
+async def test_no_matching_rule_is_404(pki: TestPki, topo: Topology, waypoint: WaypointProcess,
+                                       endpoints: Endpoints) -> None:  # fmt: skip
+    client = await client_for(pki, waypoint, topo.authority("strict"))
+    assert (await client.request("GET", "/only", "strict")).status == 200
+    resp = await client.request("GET", "/other", "strict")
+    assert resp.status == 404
+    assert b"no rule of route default/strict matches GET /other" in resp.body
+    # The connection stays usable after an error answer.
+    assert (await client.request("GET", "/only", "strict")).status == 200
+    client.close()
+    samples = waypoint.scrape()
+    assert total(samples, REQUESTS, destination_service=fqdn("strict"), response_code="404", response_flags="NR") == 1
+
+
+async def test_timeout_is_504_ut(pki: TestPki, topo: Topology, waypoint: WaypointProcess,
+                                 endpoints: Endpoints) -> None:  # fmt: skip
+    client = await client_for(pki, waypoint, topo.authority("slow"))
+    resp = await client.request("GET", "/slow", "slow")
+    assert resp.status == 504
+    assert b"upstream request timeout" in resp.body
+    client.close()
+    samples = waypoint.scrape()
+    assert total(samples, REQUESTS, destination_service=fqdn("slow"), response_code="504", response_flags="UT") == 1
+
+
+async def test_retry_on_503_succeeds(pki: TestPki, topo: Topology, waypoint: WaypointProcess,
+                                     endpoints: Endpoints) -> None:  # fmt: skip
+    flaky = endpoints.apps["flaky"]
+    flaky.fail_next = 1
+    client = await client_for(pki, waypoint, topo.authority("flaky"))
+    resp = await client.request("POST", "/flaky", "flaky", body=b"x" * 1000)
+    assert resp.status == 200
+    assert flaky.requests == 2  # the 503, then the retry
+    # Two failures exhaust the retries? No: attempts=2 means up to three tries.
+    flaky.fail_next = 3
+    resp = await client.request("GET", "/flaky", "flaky")
+    assert resp.status == 503
+    client.close()
+    samples = waypoint.scrape()
+    svc = fqdn("flaky")
+    assert total(samples, REQUESTS, destination_service=svc, response_code="200", response_flags="-") == 1
+    assert total(samples, REQUESTS, destination_service=svc, response_code="503", response_flags="URX") == 1
+
+
+async def test_upstream_connect_failure_is_503_uf(pki: TestPki, topo: Topology, waypoint: WaypointProcess,
+                                                  endpoints: Endpoints) -> None:  # fmt: skip
+    client = await client_for(pki, waypoint, topo.authority("down"))
+    resp = await client.request("GET", "/", "down")
+    assert resp.status == 503
+    assert b"upstream connect error" in resp.body
+    client.close()
+    samples = waypoint.scrape()
+    assert total(samples, REQUESTS, destination_service=fqdn("down"), response_code="503", response_flags="UF") == 1
+
+
+async def test_unknown_original_destination_is_refused_503(pki: TestPki, topo: Topology,
+                                                           waypoint: WaypointProcess) -> None:  # fmt: skip
+    with pytest.raises(ConnectRefused) as info:
+        await open_tunnel(pki, CLIENT_ID, waypoint.inbound, WAYPOINT_ID, f"{topo.ip(250)}:80")
+    assert info.value.status == 503
+
+
+async def test_malformed_http_is_400_and_only_that_connection_closes(
+    pki: TestPki, topo: Topology, waypoint: WaypointProcess, endpoints: Endpoints
+) -> None:
+    good = await client_for(pki, waypoint, topo.authority("echo"))
+    assert (await good.request("GET", "/", "echo")).status == 200
+    _, tunnel = await open_tunnel(pki, CLIENT_ID, waypoint.inbound, WAYPOINT_ID, topo.authority("echo"))
+    bad = Http1Client(tunnel)
+    bad.writer.write(b"GET / HTTP/1.1\r\nHost: echo\r\nBad Header\r\n\r\n")
+    reply = await bad.reader.read()  # everything until the waypoint closes
+    assert reply.startswith(b"HTTP/1.1 400 "), reply
+    assert (await good.request("GET", "/", "echo")).status == 200
+    good.close()
+    samples = waypoint.scrape()
+    assert total(samples, REQUESTS, destination_service=fqdn("echo"), response_code="400", response_flags="DPE") == 1
+
+
+async def test_remote_endpoint_through_gateway(pki: TestPki, topo: Topology, waypoint: WaypointProcess,
+                                               endpoints: Endpoints) -> None:  # fmt: skip
+    client = await client_for(pki, waypoint, topo.authority("remote"))
+    for _ in range(3):
+        resp = await client.request("GET", "/", "remote")
+        assert (resp.status, resp.body) == (200, b"remote")
+    client.close()
+    assert endpoints.gateway is not None and endpoints.remote is not None
+    outer = endpoints.gateway.connects
+    assert len(outer) == 3  # a stream per request: a fresh inner connection each time
+    assert all(c.authority == f"{fqdn('remote')}:80" and c.headers["x-istio-source"] == "waypoint" for c in outer)
+    inner = endpoints.remote.connects
+    assert len(inner) == 3
+    assert all(c.headers["x-forwarded-network"] == "net1" and "x-istio-source" not in c.headers for c in inner)
+    # Flag off: a remote destination is unknown but for the identity its inner TLS proved.
+    samples = waypoint.scrape()
+    (s,) = series(samples, REQUESTS, destination_service=fqdn("remote"))
+    assert s.value == 3
+    assert s.labels["destination_principal"] == str(REMOTE_ID)
+    assert s.labels["destination_workload"] == "unknown"
+    assert s.labels["destination_cluster"] == "unknown"
+
+
+async def test_histograms_have_spec_buckets_and_count_every_request(
+    pki: TestPki, topo: Topology, waypoint: WaypointProcess, endpoints: Endpoints
+) -> None:
+    client = await client_for(pki, waypoint, topo.authority("echo"))
+    for _ in range(5):
+        await client.request("GET", "/v2/hist", "echo")
+    client.close()
+    samples = waypoint.scrape()
+    labels = {"destination_workload": "echo-v2", "response_code": "200"}
+    requests = total(samples, REQUESTS, **labels)
+    assert requests >= 5
+    for histogram in ("istio_request_duration_milliseconds", "istio_request_bytes", "istio_response_bytes"):
+        buckets = series(samples, f"{histogram}_bucket", **labels)
+        edges = sorted({float(b.labels["le"]) for b in buckets})
+        assert edges == [*HTTP_BUCKETS, float("inf")]
+        assert total(samples, f"{histogram}_count", **labels) == requests
+        assert total(samples, f"{histogram}_bucket", le="+Inf", **labels) == requests
+    assert not [s for s in samples if s.name.endswith("_created")]
+    (build,) = series(samples, "istio_build")
+    assert build.labels["component"] == "waypoint" and build.value == 1
+
+
+async def test_config_dump_names_the_waypoint(waypoint: WaypointProcess) -> None:
+    import json
+    import urllib.request
+
+    url = f"http://{waypoint.admin[0]}:{waypoint.admin[1]}/config_dump"
+    dump = await asyncio.to_thread(lambda: json.load(urllib.request.urlopen(url, timeout=10)))
+    assert dump["waypoint"]["identity"] == str(WAYPOINT_ID)
+    assert dump["waypoint"]["workload"] == "cluster1//v1/Pod/default/waypoint"

@@ -1,0 +1,135 @@
+"""The waypoint's HTTP inside tunnels: HTTP/2 prior knowledge with gRPC trailers, a 100 MiB streamed upload
+with bounded memory, pipelining, 100-continue, and a graceful drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import h11
+import pytest
+
+from tests.support.http_clients import Http1Client, grpc_calls, open_tunnel
+from tests.support.pki import TestPki
+from tests.support.waypoint_mesh import CLIENT_ID, WAYPOINT_ID, Endpoints, Topology, fqdn
+from tests.support.waypoint_proc import WaypointProcess, series, total
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def topo() -> Topology:
+    return Topology()
+
+
+@pytest.fixture(scope="module")
+def waypoint(topo: Topology, pki: TestPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WaypointProcess]:
+    proc = topo.start_waypoint(pki, Path(tmp_path_factory.mktemp("waypoint")), baggage=False)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+async def endpoints(topo: Topology, pki: TestPki, waypoint: WaypointProcess) -> AsyncIterator[Endpoints]:
+    eps = await Endpoints(topo, pki, response_baggage=False).start()
+    yield eps
+    await eps.close()
+
+
+async def test_grpc_over_http2_with_trailers(pki: TestPki, topo: Topology, waypoint: WaypointProcess,
+                                             endpoints: Endpoints) -> None:  # fmt: skip
+    _, tunnel = await open_tunnel(pki, CLIENT_ID, waypoint.inbound, WAYPOINT_ID, topo.authority("grpc"))
+    messages = [f"hello {i}".encode() * (i + 1) for i in range(5)]
+    # Five calls at once on one HTTP/2 connection: each is its own request upstream.
+    results = await grpc_calls(tunnel, "grpc:50051", "/echo.Echo/Say", messages)
+    for message, result in zip(messages, results, strict=True):
+        assert result.headers[":status"] == "200"
+        assert result.data == b"\x00" + len(message).to_bytes(4, "big") + message
+        assert result.trailers == {"grpc-status": "0", "grpc-message": "done"}
+    seen = endpoints.grpc.seen_headers[-1]
+    assert seen["te"] == "trailers" and seen[":path"] == "/echo.Echo/Say"
+    assert len(endpoints.ztunnels["grpc"].connects) == 5
+    samples = waypoint.scrape()
+    assert total(samples, "istio_requests_total", destination_service=fqdn("grpc"), request_protocol="grpc",
+                 grpc_response_status="0", response_code="200", destination_workload="grpc") == 5  # fmt: skip
+
+
+async def test_100_mib_upload_streams_with_bounded_memory(pki: TestPki, topo: Topology, waypoint: WaypointProcess,
+                                                          endpoints: Endpoints) -> None:  # fmt: skip
+    _, tunnel = await open_tunnel(pki, CLIENT_ID, waypoint.inbound, WAYPOINT_ID, topo.authority("echo"))
+    client = Http1Client(tunnel)
+    assert (await client.request("GET", "/warm-up", "echo")).status == 200
+    before = waypoint.rss_kib()
+    resp, digest = await client.upload("/upload", "echo", 100 * MiB, seed=7)
+    peak = waypoint.rss_kib("VmHWM")
+    assert resp.status == 200
+    assert resp.body.decode() == f"{100 * MiB} {digest}"
+    growth = peak - before
+    assert growth < 40 * 1024, f"waypoint RSS grew by {growth} KiB during a 100 MiB upload"
+    client.close()
+    samples = waypoint.scrape()
+    (s,) = series(samples, "istio_request_bytes_sum", destination_service=fqdn("echo"), request_protocol="http")
+    assert s.value >= 100 * MiB
+
+
+async def test_pipelined_requests_answer_in_order(pki: TestPki, topo: Topology, waypoint: WaypointProcess,
+                                                  endpoints: Endpoints) -> None:  # fmt: skip
+    _, tunnel = await open_tunnel(pki, CLIENT_ID, waypoint.inbound, WAYPOINT_ID, topo.authority("echo"))
+    client = Http1Client(tunnel)
+    paths = ["/v2/a", "/b", "/v2/c", "/d"]
+    for path in paths:
+        client.writer.write(client.conn.send(h11.Request(method="GET", target=path, headers=[("host", "echo")])))
+        client.writer.write(client.conn.send(h11.EndOfMessage()))
+        if path != paths[-1]:
+            # h11 models one request at a time; the bytes are on the wire already.
+            client.conn = h11.Connection(h11.CLIENT)
+    await client.writer.drain()
+    client.conn = h11.Connection(h11.CLIENT)
+    answers = []
+    for path in paths:
+        client.conn.send(h11.Request(method="GET", target=path, headers=[("host", "echo")]))
+        client.conn.send(h11.EndOfMessage())
+        resp = await client.read_response()
+        answers.append(resp.headers["x-endpoint"] == "echo-v2")
+    assert answers == [True, False, True, False]
+    client.close()
+
+
+async def test_expect_100_continue_and_chunked_body(pki: TestPki, topo: Topology, waypoint: WaypointProcess,
+                                                    endpoints: Endpoints) -> None:  # fmt: skip
+    _, tunnel = await open_tunnel(pki, CLIENT_ID, waypoint.inbound, WAYPOINT_ID, topo.authority("echo"))
+    client = Http1Client(tunnel)
+    resp, digest = await client.upload("/upload", "echo", 3 * MiB + 17, seed=3, expect_continue=True)
+    assert resp.status == 200 and resp.body.decode() == f"{3 * MiB + 17} {digest}"
+    # The connection is kept alive after a chunked upload.
+    resp = await client.request("POST", "/upload", "echo", body=b"abc")
+    assert resp.body.decode() == f"3 {hashlib.sha256(b'abc').hexdigest()}"
+    client.close()
+
+
+async def test_sigterm_lets_the_request_in_flight_finish(pki: TestPki, topo: Topology, tmp_path: Path,
+                                                         endpoints: Endpoints) -> None:  # fmt: skip
+    proc = topo.start_waypoint(pki, tmp_path, baggage=False)
+    try:
+        _, tunnel = await open_tunnel(pki, CLIENT_ID, proc.inbound, WAYPOINT_ID, topo.authority("echo"))
+        client = Http1Client(tunnel)
+        headers = [("host", "echo"), ("content-length", str(2 * MiB))]
+        client.writer.write(client.conn.send(h11.Request(method="POST", target="/upload", headers=headers)))
+        first, second = b"a" * MiB, b"b" * MiB
+        client.writer.write(client.conn.send(h11.Data(data=first)))
+        await client.writer.drain()
+        await asyncio.sleep(0)  # let the first half reach the waypoint's loop
+        exit_status = asyncio.create_task(asyncio.to_thread(proc.terminate))
+        while "draining" not in proc.log():
+            await asyncio.sleep(0.02)
+        client.writer.write(client.conn.send(h11.Data(data=second)))
+        client.writer.write(client.conn.send(h11.EndOfMessage()))
+        resp = await client.read_response()
+        assert resp.status == 200
+        assert resp.body.decode() == f"{2 * MiB} {hashlib.sha256(first + second).hexdigest()}"
+        assert resp.headers["connection"] == "close"
+        assert await exit_status == 0
+    finally:
+        proc.stop()

@@ -1,0 +1,132 @@
+"""The waypoint's per-request decisions without processes: which route and backend a request gets, which
+headers are forwarded, and when a body can be replayed for a retry."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from hbone.authority import parse_authority
+from mesh.config import parse_config
+from mesh.settings import WorkloadInfo
+from mesh.state import MeshState
+from waypoint_py.body import RetainedBody
+from waypoint_py.destination import UnknownDestination, resolve
+from waypoint_py.http_types import RequestHead, end_to_end
+from waypoint_py.routes import NoRoute, decide
+from waypoint_py.view import build_view
+
+CONFIG = """\
+workloads:
+- {uid: w1, name: waypoint, namespace: default, serviceAccount: waypoint, workloadIps: ["10.0.0.2"],
+   network: net1, clusterId: c1, workloadName: waypoint, canonicalName: waypoint, canonicalRevision: v1}
+- {uid: r1, name: reviews-1, namespace: default, serviceAccount: reviews, workloadIps: ["10.0.0.11"],
+   network: net1, services: {"default/reviews.default.svc.cluster.local": {9080: 9080}}}
+services:
+- {name: reviews, namespace: default, hostname: reviews.default.svc.cluster.local, vips: ["net1/10.1.0.1"],
+   ports: {9080: 9080}}
+- {name: reviews-v2, namespace: default, hostname: reviews-v2.default.svc.cluster.local, ports: {9080: 9080}}
+- {name: ratings, namespace: default, hostname: ratings.default.svc.cluster.local, vips: ["net1/10.1.0.2"],
+   ports: {9080: 9080}}
+routes:
+- name: reviews
+  namespace: default
+  hostnames: ["reviews.default.svc.cluster.local"]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /v2}, method: GET}]
+    backendRefs: [{name: reviews-v2, port: 9080}]
+  - matches: [{headers: [{name: x-canary, value: "^(yes|1)$", type: RegularExpression}]}]
+    backendRefs: [{name: reviews, port: 9080, weight: 3}, {name: reviews-v2, port: 9080, weight: 1}]
+  - matches: [{path: {type: Exact, value: /}}]
+    backendRefs: [{name: reviews, port: 9080}]
+"""
+
+
+@pytest.fixture(scope="module")
+def view():  # type: ignore[no-untyped-def]
+    state = MeshState(parse_config(CONFIG, "test.yaml"))
+    return build_view(state, WorkloadInfo("default", "waypoint", "waypoint"), "net1", "c1")
+
+
+def head(path: str = "/", method: str = "GET", host: str = "reviews:9080", **headers: str) -> RequestHead:
+    hdrs = [(k.replace("_", "-").encode(), v.encode()) for k, v in headers.items()]
+    return RequestHead(method, path, host, hdrs, has_body=False)
+
+
+def test_own_workload_and_baggage(view) -> None:  # type: ignore[no-untyped-def]
+    assert view.workload.uid == "w1"
+    assert view.baggage == ("k8s.cluster.name=c1,k8s.namespace.name=default,k8s.deployment.name=waypoint,"
+                            "service.name=waypoint,service.version=v1")  # fmt: skip
+
+
+def test_original_destination_by_vip_pod_ip_and_hostname(view) -> None:  # type: ignore[no-untyped-def]
+    by_vip = resolve(view.state, "net1", parse_authority("10.1.0.1:9080"))
+    assert by_vip.service is not None and by_vip.service.name == "reviews" and by_vip.workload is None
+    by_pod = resolve(view.state, "net1", parse_authority("10.0.0.11:9080"))
+    assert by_pod.workload is not None and by_pod.workload.uid == "r1"
+    assert by_pod.service is not None and by_pod.service.name == "reviews"
+    by_name = resolve(view.state, "net1", parse_authority("reviews.default.svc.cluster.local:9080"))
+    assert by_name.service is not None and by_name.service.name == "reviews"
+    for unknown in ("10.9.9.9:80", "10.1.0.1:80", "nope.default.svc.cluster.local:80"):
+        with pytest.raises(UnknownDestination):
+            resolve(view.state, "net1", parse_authority(unknown))
+    with pytest.raises(UnknownDestination):
+        resolve(view.state, "net2", parse_authority("10.1.0.1:9080"))  # VIPs belong to a network
+
+
+def test_rules_in_order(view) -> None:  # type: ignore[no-untyped-def]
+    original = resolve(view.state, "net1", parse_authority("10.1.0.1:9080"))
+    assert decide(view, original, head("/v2/x")).service.name == "reviews-v2"
+    assert decide(view, original, head("/")).service.name == "reviews"
+    with pytest.raises(NoRoute) as info:
+        decide(view, original, head("/v2/x", method="POST"))  # the method does not match, nor does the rest
+    assert info.value.status == 404
+    # Another service the route does not claim goes to its original destination.
+    ratings = resolve(view.state, "net1", parse_authority("10.1.0.2:9080"))
+    target = decide(view, ratings, head("/anything", host="ratings"))
+    assert (target.service.name, target.port, target.rule) == ("ratings", 9080, None)
+
+
+def test_weighted_backends_and_regex_header(view) -> None:  # type: ignore[no-untyped-def]
+    original = resolve(view.state, "net1", parse_authority("10.1.0.1:9080"))
+    rng = random.Random(5)
+    picks = Counter(decide(view, original, head("/c", x_canary="yes"), rng).service.name for _ in range(4000))
+    assert 2800 <= picks["reviews"] <= 3200, picks
+    with pytest.raises(NoRoute):
+        decide(view, original, head("/c", x_canary="yess"))
+
+
+def test_connection_headers_are_not_forwarded() -> None:
+    headers = [(b"connection", b"keep-alive, x-hop"), (b"x-hop", b"1"), (b"keep-alive", b"timeout=5"),
+               (b"te", b"trailers"), (b"transfer-encoding", b"chunked"), (b"host", b"a"), (b":path", b"/"),
+               (b"x-end", b"2"), (b"content-length", b"3")]  # fmt: skip
+    assert end_to_end(headers) == [(b"x-end", b"2"), (b"content-length", b"3")]
+    assert end_to_end(headers, keep_te_trailers=True) == [(b"te", b"trailers"), (b"x-end", b"2"),
+                                                          (b"content-length", b"3")]  # fmt: skip
+
+
+class _Source:
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = list(chunks)
+        self.request_trailers = None
+
+    async def read_body(self) -> bytes | None:
+        return self.chunks.pop(0) if self.chunks else None
+
+
+async def test_small_body_replays_and_big_body_does_not() -> None:
+    small = RetainedBody(_Source([b"ab", b"cd"]), keep_limit=10)  # type: ignore[arg-type]
+    first = small.cursor()
+    assert await first.next() == b"ab"
+    assert small.replayable
+    again = small.cursor()
+    assert [await again.next(), await again.next(), await again.next()] == [b"ab", b"cd", None]
+    assert small.consumed == 4
+    big = RetainedBody(_Source([b"x" * 8, b"y" * 8]), keep_limit=10)  # type: ignore[arg-type]
+    cursor = big.cursor()
+    await cursor.next()
+    assert big.replayable
+    await cursor.next()
+    assert not big.replayable

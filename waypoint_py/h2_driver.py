@@ -1,0 +1,347 @@
+"""An asyncio driver for one `h2` connection over asyncio streams, as server (downstream) or client
+(upstream).
+
+`h2` owns the protocol rules; this adapter owns the read loop, the waits for flow-control window, and
+back-pressure. Received DATA is acknowledged only when the consumer takes it, so a reader that is slower
+than its peer holds the peer to its window instead of making us buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+from h2.errors import ErrorCodes
+from hyperframe.frame import GoAwayFrame
+
+from waypoint_py.http_types import Headers
+from waypoint_py.streams import READ_SIZE
+
+log = logging.getLogger("waypoint.h2")
+
+STREAM_WINDOW = 1 << 20
+CONNECTION_WINDOW = 16 << 20
+MAX_CONCURRENT_STREAMS = 100
+MAX_HEADER_LIST = 64 * 1024
+
+
+class StreamGone(Exception):
+    """The stream was reset, or the connection carrying it ended."""
+
+
+class H2Stream:
+    """One request/response exchange on an `H2Driver`."""
+
+    def __init__(self, driver: H2Driver, stream_id: int, headers: Headers, *, ended: bool = False) -> None:
+        self.driver = driver
+        self.id = stream_id
+        self.headers = headers  # the request's
+        self.ended_with_headers = ended  # the request had no body (END_STREAM on its HEADERS)
+        self.response: asyncio.Future[Headers] = driver.loop.create_future()  # client side
+        self.trailers: Headers | None = None
+        self.remote_ended = False
+        self.reset_code: int | None = None
+        self._inbox: deque[tuple[bytes, int]] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _fail(self, code: int) -> None:
+        self.reset_code = code
+        if not self.response.done():
+            self.response.set_exception(StreamGone(f"stream reset ({_code_name(code)}) before the response"))
+            self.response.exception()  # retrieved: whoever waits sees it; nobody waiting is fine too
+        self._wake()
+
+    async def read(self) -> bytes | None:
+        """The next DATA payload, or None after END_STREAM. Raises StreamGone after a reset."""
+        while True:
+            if self._inbox:
+                data, flow = self._inbox.popleft()
+                self.driver._ack(self.id, flow)
+                if data:
+                    return data
+                continue
+            if self.reset_code is not None:
+                raise StreamGone(f"stream reset by peer ({_code_name(self.reset_code)})")
+            if self.remote_ended:
+                return None
+            if self.driver.closed:
+                raise StreamGone(f"HTTP/2 connection closed: {self.driver.close_reason}")
+            self._waiter = self.driver.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def discard_unread(self) -> None:
+        """Give back the window of data nobody will read."""
+        while self._inbox:
+            _, flow = self._inbox.popleft()
+            self.driver._ack(self.id, flow)
+
+
+StreamHandler = Callable[[H2Stream], None]
+
+
+class H2Driver:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        client: bool,
+        on_stream: StreamHandler | None = None,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.reader = reader
+        self.writer = writer
+        self.client = client
+        self.on_stream = on_stream
+        config = h2.config.H2Configuration(client_side=client, header_encoding=None)
+        self.h2 = h2.connection.H2Connection(config)
+        local = {
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
+        }
+        if client:
+            local[h2.settings.SettingCodes.ENABLE_PUSH] = 0
+        else:
+            local[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = MAX_CONCURRENT_STREAMS
+        self.h2.local_settings = h2.settings.Settings(client=client, initial_values=local)
+        self.streams: dict[int, H2Stream] = {}
+        self.closed = False
+        self.close_reason = ""
+        self.draining = False
+        self._window_waiters: list[asyncio.Future[None]] = []
+        self._started = False
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Send our preface and SETTINGS (idempotent)."""
+        if self._started:
+            return
+        self._started = True
+        self.h2.initiate_connection()
+        self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self._flush()
+
+    async def run(self, initial: bytes = b"") -> None:
+        """Read and dispatch until the connection ends."""
+        self.start()
+        try:
+            if initial:
+                self._receive(initial)
+            while not self.closed:
+                data = await self.reader.read(READ_SIZE)
+                if not data:
+                    self._close("peer closed the connection")
+                    break
+                self._receive(data)
+        except (ConnectionError, OSError) as exc:
+            self._close(f"connection lost: {exc}")
+        finally:
+            self._close(self.close_reason or "closed")
+
+    def _close(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = reason
+        for stream in list(self.streams.values()):
+            if stream.remote_ended:
+                stream._wake()  # what it received stays readable
+            else:
+                stream._fail(ErrorCodes.CANCEL)
+        self._wake_senders()
+        if not self.writer.is_closing():
+            self.writer.close()
+
+    def close(self, reason: str = "closed") -> None:
+        self._flush()
+        self._close(reason)
+
+    def goaway(self) -> None:
+        """Graceful drain (server): no new streams; those already open finish."""
+        if self.draining or self.closed:
+            return
+        self.draining = True
+        frame = GoAwayFrame(0)
+        frame.last_stream_id = self.h2.highest_inbound_stream_id
+        frame.error_code = ErrorCodes.NO_ERROR
+        self._write(frame.serialize())
+        if not self.streams:
+            self.close("drained")
+
+    # -- receiving --------------------------------------------------------------------------------------
+    def _receive(self, data: bytes) -> None:
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            log.info("HTTP/2 protocol error from peer: %s", exc)
+            self._flush()  # h2 queued a GOAWAY saying why
+            self._close(f"protocol error: {exc}")
+            return
+        for event in events:
+            self._dispatch(event)
+        self._flush()
+
+    def _dispatch(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.DataReceived):
+            stream = self.streams.get(event.stream_id)
+            if stream is None or stream.reset_code is not None:
+                self._ack(event.stream_id, event.flow_controlled_length)
+            else:
+                stream._inbox.append((event.data, event.flow_controlled_length))
+                stream._wake()
+        elif isinstance(event, h2.events.RequestReceived):
+            self._on_request(event)
+        elif isinstance(event, h2.events.ResponseReceived):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None and not stream.response.done():
+                stream.response.set_result(list(event.headers or []))  # type: ignore[arg-type]
+        elif isinstance(event, h2.events.TrailersReceived):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.trailers = list(event.headers or [])  # type: ignore[arg-type]
+        elif isinstance(event, h2.events.StreamEnded):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.remote_ended = True
+                if not stream.response.done() and self.client:
+                    stream._fail(ErrorCodes.PROTOCOL_ERROR)
+                stream._wake()
+        elif isinstance(event, h2.events.StreamReset):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream._fail(event.error_code)
+            self._wake_senders()
+        elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
+            self._wake_senders()
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self._close(f"peer sent GOAWAY ({_code_name(event.error_code)})"
+                        if event.error_code else "peer closed the connection")  # fmt: skip
+
+    def _on_request(self, event: h2.events.RequestReceived) -> None:
+        sid = event.stream_id
+        if self.client or self.on_stream is None or self.draining:
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+            return
+        stream = H2Stream(self, sid, list(event.headers or []), ended=event.stream_ended is not None)  # type: ignore[arg-type]
+        self.streams[sid] = stream
+        self.on_stream(stream)
+
+    def _ack(self, stream_id: int, flow: int) -> None:
+        if flow and not self.closed:
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.h2.acknowledge_received_data(flow, stream_id)
+            self._flush()
+
+    # -- sending ----------------------------------------------------------------------------------------
+    def _write(self, data: bytes) -> None:
+        if data and not self.writer.is_closing():
+            self.writer.write(data)
+
+    def _flush(self) -> None:
+        self._write(self.h2.data_to_send())
+
+    def _wake_senders(self) -> None:
+        waiters, self._window_waiters = self._window_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    def _usable(self, stream: H2Stream) -> None:
+        if self.closed:
+            raise StreamGone(f"HTTP/2 connection closed: {self.close_reason}")
+        if stream.reset_code is not None:
+            raise StreamGone(f"stream reset by peer ({_code_name(stream.reset_code)})")
+
+    def open_stream(self, headers: Headers, *, end_stream: bool) -> H2Stream:
+        """Client: send a request's HEADERS on a new stream."""
+        if self.closed:
+            raise StreamGone(f"HTTP/2 connection closed: {self.close_reason}")
+        self.start()
+        sid = self.h2.get_next_available_stream_id()
+        stream = H2Stream(self, sid, headers, ended=end_stream)
+        self.streams[sid] = stream
+        self.send_headers(stream, headers, end_stream=end_stream)
+        return stream
+
+    def send_headers(self, stream: H2Stream, headers: Headers, *, end_stream: bool = False) -> None:
+        self._usable(stream)
+        try:
+            self.h2.send_headers(stream.id, headers, end_stream=end_stream)
+        except h2.exceptions.ProtocolError as exc:
+            raise StreamGone(f"cannot send headers: {exc}") from exc
+        self._flush()
+
+    async def send_data(self, stream: H2Stream, data: bytes, *, end_stream: bool = False) -> None:
+        view = memoryview(data)
+        while view:
+            self._usable(stream)
+            try:
+                room = min(self.h2.local_flow_control_window(stream.id), self.h2.max_outbound_frame_size)
+            except h2.exceptions.ProtocolError as exc:
+                raise StreamGone(f"cannot send: {exc}") from exc
+            if room <= 0:
+                waiter = self.loop.create_future()
+                self._window_waiters.append(waiter)
+                await waiter
+                continue
+            n = min(room, len(view))
+            try:
+                self.h2.send_data(stream.id, view[:n].tobytes())
+            except h2.exceptions.ProtocolError as exc:
+                raise StreamGone(f"cannot send: {exc}") from exc
+            view = view[n:]
+            self._flush()
+            await self.drain()
+        if end_stream:
+            self.end_stream(stream)
+
+    def end_stream(self, stream: H2Stream) -> None:
+        self._usable(stream)
+        try:
+            self.h2.end_stream(stream.id)
+        except h2.exceptions.ProtocolError as exc:
+            raise StreamGone(f"cannot end the stream: {exc}") from exc
+        self._flush()
+
+    async def drain(self) -> None:
+        try:
+            await self.writer.drain()
+        except (ConnectionError, OSError) as exc:
+            self._close(f"connection lost: {exc}")
+            raise StreamGone(f"HTTP/2 connection lost: {exc}") from exc
+
+    def reset(self, stream: H2Stream, code: int = ErrorCodes.CANCEL) -> None:
+        if not self.closed:
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.h2.reset_stream(stream.id, code)
+            self._flush()
+
+    def forget(self, stream: H2Stream) -> None:
+        """The exchange is over for us: return the window of unread data, and close a drained connection."""
+        stream.discard_unread()
+        self.streams.pop(stream.id, None)
+        if self.draining and not self.streams:
+            self.close("drained")
+
+
+def _code_name(code: int) -> str:
+    try:
+        return ErrorCodes(code).name
+    except ValueError:
+        return str(code)

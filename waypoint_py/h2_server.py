@@ -1,0 +1,137 @@
+"""HTTP/2 with prior knowledge from the client inside one tunnel (gRPC among others).
+
+Each stream is handled in its own task by the forwarder, so a slow request never holds up the others on
+the same connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from h2.errors import ErrorCodes
+
+from waypoint_py.errors import DownstreamGone
+from waypoint_py.h2_driver import H2Driver, H2Stream, StreamGone
+from waypoint_py.http_types import Headers, RequestHead, ResponseHead, end_to_end, first
+
+log = logging.getLogger("waypoint.http2")
+
+RequestHandler = Callable[["Http2Exchange"], Awaitable[None]]
+
+
+class Http2Session:
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, initial: bytes, handle: RequestHandler
+    ) -> None:
+        self.handle = handle
+        self.initial = initial
+        self.driver = H2Driver(reader, writer, client=False, on_stream=self._on_stream)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        try:
+            await self.driver.run(self.initial)
+        finally:
+            # The client connection is gone: requests still waiting on their upstream are abandoned.
+            for task in list(self._tasks):
+                task.cancel()
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def drain(self) -> None:
+        self.driver.goaway()
+
+    def _on_stream(self, stream: H2Stream) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve(stream))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, stream: H2Stream) -> None:
+        exchange = Http2Exchange(self.driver, stream)
+        try:
+            await self.handle(exchange)
+        except Exception:
+            log.exception("request handler failed on stream %d", stream.id)
+            exchange.abort()
+        finally:
+            if not exchange.response_ended and not exchange.aborted:
+                exchange.abort()
+            elif exchange.response_ended and not stream.remote_ended and stream.reset_code is None:
+                # Answered before the request body ended: tell the client to stop sending (RFC 9113 §8.1).
+                self.driver.reset(stream, ErrorCodes.NO_ERROR)
+            self.driver.forget(stream)
+
+
+class Http2Exchange:
+    """One stream of an `Http2Session`; the `Downstream` the forwarder works with."""
+
+    protocol = "HTTP/2"
+
+    def __init__(self, driver: H2Driver, stream: H2Stream) -> None:
+        self.driver = driver
+        self.stream = stream
+        pseudo = {k: v for k, v in stream.headers if k.startswith(b":")}
+        authority = pseudo.get(b":authority") or first(stream.headers, b"host") or b""
+        self.head = RequestHead(
+            method=pseudo.get(b":method", b"GET").decode("ascii"),
+            path=pseudo.get(b":path", b"/").decode("latin-1"),
+            authority=authority.decode("latin-1"),
+            headers=end_to_end(stream.headers, keep_te_trailers=True),
+            has_body=not stream.ended_with_headers,
+            scheme=pseudo.get(b":scheme", b"http").decode("ascii"),
+        )
+        self.response_started = False
+        self.response_ended = False
+        self.aborted = False
+
+    @property
+    def request_trailers(self) -> Headers | None:
+        return self.stream.trailers
+
+    async def read_body(self) -> bytes | None:
+        try:
+            return await self.stream.read()
+        except StreamGone as exc:
+            raise DownstreamGone(f"client stream ended: {exc}") from exc
+
+    async def start_response(self, head: ResponseHead) -> None:
+        headers = [(b":status", str(head.status).encode()), *end_to_end(head.headers)]
+        self._call(self.driver.send_headers, self.stream, headers)
+        self.response_started = True
+
+    async def send_body(self, data: bytes) -> None:
+        try:
+            await self.driver.send_data(self.stream, data)
+        except StreamGone as exc:
+            raise DownstreamGone(f"client stream ended: {exc}") from exc
+
+    async def end_response(self, trailers: Headers | None = None) -> None:
+        if trailers:
+            self._call(self.driver.send_headers, self.stream, end_to_end(trailers), end_stream=True)
+        else:
+            self._call(self.driver.end_stream, self.stream)
+        self.response_ended = True
+        with contextlib.suppress(StreamGone):
+            await self.driver.drain()
+
+    async def send_error(self, status: int, message: str) -> None:
+        body = (message.rstrip("\n") + "\n").encode()
+        await self.start_response(
+            ResponseHead(status, [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())])
+        )
+        await self.send_body(body)
+        await self.end_response()
+
+    def abort(self) -> None:
+        if not self.aborted:
+            self.aborted = True
+            self.driver.reset(self.stream, ErrorCodes.CANCEL if self.response_started else ErrorCodes.INTERNAL_ERROR)
+
+    def _call(self, fn: Callable[..., None], *args: object, **kwargs: object) -> None:
+        try:
+            fn(*args, **kwargs)
+        except StreamGone as exc:
+            raise DownstreamGone(f"client stream ended: {exc}") from exc
