@@ -88,9 +88,9 @@ async def test_service_in_both_networks_spreads_by_capacity(mesh_on: Mesh) -> No
     local = seen["echo-v1-0"]
     remote = {pod: n for pod, n in seen.items() if pod.startswith("echo-v2-")}
     assert set(remote) == {"echo-v2-0", "echo-v2-1", "echo-v2-2"}
-    assert 0.15 <= local / 120 <= 0.35  # expected 1/4
+    assert 0.15 <= local / 120 <= 0.35, seen  # expected 1/4
     for n in remote.values():  # the gateway spreads its share evenly
-        assert 0.15 <= n / 120 <= 0.35
+        assert 0.15 <= n / 120 <= 0.35, seen
 
 
 async def test_baggage_on_names_the_remote_peer_on_both_sides(mesh_on: Mesh) -> None:
