@@ -1,0 +1,1 @@
+"""The benchmark harness: `python -m bench [scenario ...]` (see bench/README.md). Never run by the tests."""
