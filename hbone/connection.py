@@ -23,7 +23,7 @@ from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
 from .errors import ConnectionClosed, ConnectRefused, H2HandshakeFailure, StreamReset
-from .h2fast import make_connection
+from .h2fast import install_outbox, make_connection
 from .identity import Identity
 from .tunnel import Tunnel
 
@@ -77,6 +77,7 @@ class HboneConnection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         config = h2.config.H2Configuration(client_side=client, header_encoding=None, validate_inbound_headers=True)
         self._h2 = make_connection(config, self._on_goaway_frame)
+        self._outbox = install_outbox(self._h2)
         self._transport: asyncio.Transport | None = None
         self._streams: dict[int, Tunnel] = {}
         self._blocked: set[Tunnel] = set()
@@ -391,9 +392,9 @@ class HboneConnection(asyncio.Protocol):
     def _flush(self) -> None:
         if self._transport is None or self._closed:
             return
-        data = self._h2.data_to_send()
-        if data:
-            self._transport.write(data)
+        chunks = self._outbox.take()
+        if chunks:
+            self._transport.writelines(chunks)
 
     # -- keepalive, handshake, drain, close --------------------------------------------------------------
     def _schedule_ping(self) -> None:

@@ -1,8 +1,8 @@
-"""Two fixes to the `h2` receive path that matter at tunnel speeds.
+"""Changes to `h2`'s byte handling that matter at tunnel speeds. The protocol rules stay h2's.
 
 1. `h2` logs every received frame with `repr(frame)` evaluated eagerly, and hyperframe's DATA frame repr
    hex-encodes the whole payload (up to 1 MiB) only to keep 20 characters of it. We give DATA frames a
-   repr that does not touch the payload. It only changes debug text.
+   repr that touches neither the payload nor the flags. It only changes debug text.
 2. `h2` treats a received GOAWAY as the end of the connection and refuses to send anything more, so the
    streams that GOAWAY lets finish (RFC 9113 §6.8) could not. Our frame buffer takes GOAWAY frames out of
    the stream and reports them to the connection, which stops opening streams and lets the others finish.
@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 
 from h2.connection import H2Connection
@@ -22,11 +23,15 @@ from hyperframe.exceptions import InvalidDataError, InvalidFrameError
 from hyperframe.frame import DataFrame, Frame, GoAwayFrame
 
 
-def _data_body_repr(self: DataFrame) -> str:
-    return f"<{len(self.data)} bytes>"
+def _data_repr(self: DataFrame) -> str:
+    return f"DataFrame(stream_id={self.stream_id}): <{len(self.data)} bytes>"
 
 
-DataFrame._body_repr = _data_body_repr  # type: ignore[method-assign]
+DataFrame.__repr__ = _data_repr  # type: ignore[method-assign]
+
+_FRAME_HEADER = struct.Struct("!HBBBL")
+_DATA_TYPE = 0x0
+_END_STREAM = 0x1
 
 
 class FastFrameBuffer(FrameBuffer):
@@ -76,9 +81,56 @@ class FastFrameBuffer(FrameBuffer):
                 return result
 
 
+class Outbox:
+    """Outgoing bytes in order, with DATA payloads kept as the buffers they arrived in.
+
+    h2 serializes a DATA frame by copying its payload into the frame, then into its send buffer, then out of
+    it: three copies of every byte before TLS copies it once more to encrypt it. The outbox takes h2's frames
+    as h2 prepares them, writes a 9-byte header for each DATA frame and keeps the payload as it is; the
+    transport's `writelines` hands each piece to TLS. Other frames are serialized by h2 as usual.
+    """
+
+    def __init__(self, conn: H2Connection) -> None:
+        self._conn = conn
+        self.chunks: list[bytes | memoryview] = []
+
+    def prepare(self, frames: list[Frame]) -> None:
+        if not frames:
+            return
+        self._move_direct()
+        chunks = self.chunks
+        for f in frames:
+            if type(f) is DataFrame and not f.pad_length and "PADDED" not in f.flags:
+                n = len(f.data)
+                f.body_len = n
+                flags = _END_STREAM if "END_STREAM" in f.flags else 0
+                chunks.append(_FRAME_HEADER.pack(n >> 8, n & 0xFF, _DATA_TYPE, flags, f.stream_id & 0x7FFFFFFF))
+                if n:
+                    chunks.append(f.data)
+            else:
+                chunks.append(f.serialize())
+
+    def _move_direct(self) -> None:
+        # h2 writes its connection preamble straight into its own buffer; keep it first.
+        direct = self._conn.data_to_send()
+        if direct:
+            self.chunks.append(direct)
+
+    def take(self) -> list[bytes | memoryview]:
+        self._move_direct()
+        chunks, self.chunks = self.chunks, []
+        return chunks
+
+
 def make_connection(config: object, on_goaway: Callable[[GoAwayFrame], None]) -> H2Connection:
     conn = H2Connection(config=config)  # type: ignore[arg-type]
     fast = FastFrameBuffer(server=not conn.config.client_side, on_goaway=on_goaway)
     fast.max_frame_size = conn.incoming_buffer.max_frame_size
     conn.incoming_buffer = fast
     return conn
+
+
+def install_outbox(conn: H2Connection) -> Outbox:
+    outbox = Outbox(conn)
+    conn._prepare_for_sending = outbox.prepare  # type: ignore[method-assign]
+    return outbox

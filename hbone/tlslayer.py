@@ -184,7 +184,11 @@ class TlsOverTransport(asyncio.Transport):
         self._flush_out()
 
     def writelines(self, list_of_data: Any) -> None:
-        self.write(b"".join(list_of_data))
+        if self._closing or self._lost:
+            return
+        for data in list_of_data:
+            self._ssl.write(data)  # each piece straight into TLS, no join
+        self._flush_out()
 
     def can_write_eof(self) -> bool:
         return False  # TLS has no half-close
