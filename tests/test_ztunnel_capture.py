@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from certs import make_mesh_pki
-from tests.support.daemons import REPO, Daemon, metric_samples, run_curl
+from tests.support.daemons import Daemon, metric_samples, run_curl, start_app
 from tests.support.netns import namespace, netns_unavailable, sh
 
 REASON = netns_unavailable() or (None if shutil.which("iptables") else "iptables is not installed")
@@ -80,14 +78,9 @@ async def test_iptables_redirect_is_captured_and_tunnelled(tmp_path: Path) -> No
             ns=ns,
         )
         prefix = ["ip", "netns", "exec", ns]
-        app = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "tests.support.httpapp", "--name", "echo-1", "--listen", f"{ECHO_IP}:8080"],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-        )
+        app = await start_app("echo-1", ECHO_IP, 8080, tmp_path / "app.log", prefix=tuple(prefix))
         daemons = []
         try:
-            assert app.stdout is not None and app.stdout.readline().strip() == b"ready"
             for node, ip, outbound in (("node1", Z1, "0.0.0.0:15001"), ("node2", Z2, "off")):
                 env = {
                     "NODE_NAME": node,
@@ -105,7 +98,7 @@ async def test_iptables_redirect_is_captured_and_tunnelled(tmp_path: Path) -> No
             await asyncio.gather(*(d.wait_ready() for d in daemons))
             code, out, err = await run_curl("--interface", SLEEP_IP, f"http://{VIP}/", prefix=tuple(prefix))
             assert code == 0, err.decode() + daemons[0].logs()
-            assert out == b"echo-1\n"
+            assert out.startswith(b"echo-1 ")
             code, metrics, _ = await run_curl(f"http://{Z1}:15020/metrics", prefix=tuple(prefix))
             (labels, value), *_ = metric_samples(metrics.decode(), "istio_tcp_connections_opened_total")
             assert value == 1
@@ -114,5 +107,4 @@ async def test_iptables_redirect_is_captured_and_tunnelled(tmp_path: Path) -> No
         finally:
             for d in daemons:
                 d.stop()
-            app.terminate()
-            app.wait()
+            app.stop()

@@ -117,3 +117,27 @@ async def run_curl(*args: str, timeout: float = 60.0, prefix: tuple[str, ...] = 
     out, err = await proc.communicate()
     assert proc.returncode is not None
     return proc.returncode, out, err
+
+
+async def start_app(name: str, host: str, port: int, log_path: Path, prefix: tuple[str, ...] = ()) -> Daemon:
+    """The sample app (`python -m topology.app`), as a process; ready once it answers GET /."""
+    app = Daemon("topology.app", {}, log_path, f"{host}:{port}", prefix=list(prefix))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    app._log = open(log_path, "wb")  # noqa: SIM115 - kept open for the process's life
+    app.proc = subprocess.Popen(
+        [*prefix, sys.executable, "-m", "topology.app", "--name", name, "--listen", f"{host}:{port}"],
+        env=env,
+        cwd=REPO,
+        stdout=app._log,
+        stderr=subprocess.STDOUT,
+    )
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while loop.time() < deadline:
+        code, _, _ = await run_curl(f"http://{host}:{port}/", timeout=2, prefix=prefix)
+        if code == 0:
+            return app
+        if app.proc.poll() is not None:
+            break
+        await asyncio.sleep(0.05)
+    raise RuntimeError(f"sample app {name} did not start:\n{app.logs()}")
