@@ -8,6 +8,8 @@ import pytest
 
 from tests.support.pki import TestPki
 
+pytest_plugins = ["tests.support.waypoint_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:

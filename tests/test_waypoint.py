@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 
@@ -28,23 +26,6 @@ from tests.support.waypoint_proc import WaypointProcess, series, total
 REQUESTS = "istio_requests_total"
 
 
-@pytest.fixture(scope="module")
-def topo() -> Topology:
-    return Topology()
-
-
-@pytest.fixture(scope="module")
-def waypoint(topo: Topology, pki: TestPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WaypointProcess]:
-    proc = topo.start_waypoint(pki, Path(tmp_path_factory.mktemp("waypoint")), baggage=False)
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture
-async def endpoints(topo: Topology, pki: TestPki, waypoint: WaypointProcess) -> AsyncIterator[Endpoints]:
-    eps = await Endpoints(topo, pki, response_baggage=False).start()
-    yield eps
-    await eps.close()
 
 
 async def client_for(pki: TestPki, wp: WaypointProcess, authority: str,

@@ -4,11 +4,6 @@ a gateway), and upstream the waypoint sends its own baggage, never the client's.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
-
-import pytest
-
 from hbone.baggage import parse
 from tests.support.http_clients import Http1Client, open_tunnel
 from tests.support.pki import TestPki
@@ -27,23 +22,7 @@ WAYPOINT_BAGGAGE = ("k8s.cluster.name=cluster1,k8s.namespace.name=default,k8s.de
                     "service.name=waypoint,service.version=v1")  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def topo() -> Topology:
-    return Topology()
-
-
-@pytest.fixture(scope="module")
-def waypoint(topo: Topology, pki: TestPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WaypointProcess]:
-    proc = topo.start_waypoint(pki, Path(tmp_path_factory.mktemp("waypoint")), baggage=True)
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture
-async def endpoints(topo: Topology, pki: TestPki, waypoint: WaypointProcess) -> AsyncIterator[Endpoints]:
-    eps = await Endpoints(topo, pki, response_baggage=True).start()
-    yield eps
-    await eps.close()
+BAGGAGE_ENABLED = True  # read by tests/support/waypoint_fixtures.py
 
 
 async def test_both_peers_from_baggage_and_own_baggage_upstream(

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import h11
-import pytest
 
 from tests.support.http_clients import Http1Client, grpc_calls, open_tunnel
 from tests.support.pki import TestPki
@@ -19,23 +17,6 @@ from tests.support.waypoint_proc import WaypointProcess, series, total
 MiB = 1 << 20
 
 
-@pytest.fixture(scope="module")
-def topo() -> Topology:
-    return Topology()
-
-
-@pytest.fixture(scope="module")
-def waypoint(topo: Topology, pki: TestPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WaypointProcess]:
-    proc = topo.start_waypoint(pki, Path(tmp_path_factory.mktemp("waypoint")), baggage=False)
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture
-async def endpoints(topo: Topology, pki: TestPki, waypoint: WaypointProcess) -> AsyncIterator[Endpoints]:
-    eps = await Endpoints(topo, pki, response_baggage=False).start()
-    yield eps
-    await eps.close()
 
 
 async def test_grpc_over_http2_with_trailers(pki: TestPki, topo: Topology, waypoint: WaypointProcess,
