@@ -31,6 +31,7 @@ pytestmark = [
 
 ECHO = "http://echo.default.svc.cluster.local/"
 RATINGS = "http://ratings.default.svc.cluster.local:9080/"
+REVIEWS = "http://reviews.default.svc.cluster.local:9080/"  # cluster1's waypoint, 3 pods in cluster2
 
 
 def samples(text: str, name: str, **match: str) -> list[dict[str, str]]:
@@ -140,6 +141,52 @@ async def test_baggage_off_leaves_the_remote_peer_unknown(mesh_off: Mesh) -> Non
         assert s["source_workload"] == "unknown"
         assert s["source_cluster"] == "unknown"
         assert s["source_principal"] == "spiffe://cluster.local/ns/default/sa/sleep"
+
+
+async def test_waypoint_names_both_ends_across_networks_with_baggage(mesh_on: Mesh) -> None:
+    for _ in range(3):
+        assert (await mesh_on.curl("sleep", REVIEWS)).check().text.startswith("reviews-v1-")
+    text = await mesh_on.scrape("cluster1/waypoint")
+    rows = samples(text, "istio_requests_total", reporter="waypoint",
+                   destination_service="reviews.default.svc.cluster.local")  # fmt: skip
+    assert rows and sum(r["_value"] for r in rows) >= 3
+    for r in rows:
+        assert r["source_workload"] == "sleep" and r["source_cluster"] == "cluster1"
+        assert r["source_principal"] == "spiffe://cluster.local/ns/default/sa/sleep"
+        assert r["destination_workload"] == "reviews-v1" and r["destination_cluster"] == "cluster2"
+        assert r["destination_principal"] == "spiffe://cluster.local/ns/default/sa/reviews"
+        assert r["response_code"] == "200" and r["request_protocol"] == "http"
+        assert r["connection_security_policy"] == "mutual_tls"
+
+
+async def test_waypoint_leaves_the_remote_end_unknown_without_baggage(mesh_off: Mesh) -> None:
+    (await mesh_off.curl("sleep", REVIEWS)).check()
+    text = await mesh_off.scrape("cluster1/waypoint")
+    rows = samples(text, "istio_requests_total", reporter="waypoint",
+                   destination_service="reviews.default.svc.cluster.local")  # fmt: skip
+    assert rows
+    for r in rows:
+        assert r["source_workload"] == "sleep"  # same cluster: known from the mesh state
+        assert r["destination_workload"] == "unknown" and r["destination_cluster"] == "unknown"
+        assert r["destination_principal"] == "spiffe://cluster.local/ns/default/sa/reviews"
+        assert r["response_code"] == "200"
+
+
+async def test_waypoint_balances_each_request_of_one_connection(mesh_on: Mesh) -> None:
+    """300 requests on one keep-alive connection: the waypoint picks a remote pod per request."""
+
+    async def connections_to_waypoint() -> float:
+        ztunnel = await mesh_on.scrape("cluster1/ztunnel")
+        return total(ztunnel, "istio_tcp_connections_opened_total", reporter="source", destination_workload="waypoint")
+
+    before = await connections_to_waypoint()
+    result = (await mesh_on.curl("sleep", REVIEWS, *([REVIEWS] * 299), timeout=120)).check()
+    pods = collections.Counter(line.split()[0] for line in result.text.splitlines())
+    assert sum(pods.values()) == 300
+    assert set(pods) == {"reviews-v1-0", "reviews-v1-1", "reviews-v1-2"}
+    for n in pods.values():
+        assert 0.23 <= n / 300 <= 0.43, pods  # 33 % +- 10 %
+    assert await connections_to_waypoint() == before + 1  # all 300 requests came on one connection
 
 
 async def test_gateway_reports_only_what_it_can_see(mesh_on: Mesh) -> None:
