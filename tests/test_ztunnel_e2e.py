@@ -15,6 +15,7 @@ from tests.support.daemons import Daemon, metric_samples, run_curl, scrape, star
 from topology.app import pattern_sha256
 
 SLEEP_IP, ECHO_IP, VIP = "127.11.1.10", "127.11.2.10", "127.11.9.1"
+LEGACY_IP, OUTSIDE_IP = "127.11.2.20", "127.11.4.1"  # a workload outside the mesh (TCP), and no workload at all
 Z1, Z2 = "127.11.1.1", "127.11.2.1"
 ECHO_HOST = "echo.default.svc.cluster.local"
 
@@ -41,6 +42,7 @@ def mesh_config(policies: list[dict] | None = None, echo_policies: list[str] | N
     return {
         "workloads": [
             workload("sleep-1", SLEEP_IP, "node1", "sleep"),
+            {**workload("legacy-1", LEGACY_IP, "node2", "legacy"), "protocol": "TCP"},
             workload(
                 "echo-1",
                 ECHO_IP,
@@ -270,3 +272,49 @@ async def test_sigterm_drains_open_connections(mesh) -> None:
     assert hashlib.sha256(out).hexdigest() == pattern_sha256(size)
     assert await asyncio.to_thread(node2.proc.wait, 10) == 0
     assert "draining" in node2.logs()
+
+
+async def test_tcp_workload_and_unknown_destination_go_in_plain_tcp(mesh, tmp_path: Path) -> None:
+    legacy = await start_app("legacy-1", LEGACY_IP, 8080, tmp_path / "legacy.log")
+    outside = await start_app("outside", OUTSIDE_IP, 8080, tmp_path / "outside.log")
+    try:
+        for ip, name in ((LEGACY_IP, b"legacy-1 "), (OUTSIDE_IP, b"outside ")):
+            code, out, err = await run_curl(*socks(f"http://{ip}:8080/"))
+            assert code == 0, err
+            assert out.startswith(name)
+        text = await scrape(f"{Z1}:15020")
+        plain = metric_samples(text, "istio_tcp_connections_opened_total")
+        by_dest = {labels["destination_workload"]: labels for labels, _ in plain}
+        assert by_dest["legacy"]["connection_security_policy"] == "unknown"
+        assert by_dest["legacy"]["source_principal"] == "unknown"  # no mTLS, so no principal
+        assert by_dest["unknown"]["connection_security_policy"] == "unknown"  # passthrough
+        # Nothing reached node2's ztunnel: plain TCP goes straight to the workload.
+        assert metric_samples(await scrape(f"{Z2}:15020"), "istio_tcp_connections_opened_total") == []
+    finally:
+        legacy.stop()
+        outside.stop()
+
+
+async def test_dedicated_mode_needs_no_source_address(mesh, tmp_path: Path) -> None:
+    """PROXY_WORKLOAD_INFO: the proxy acts as one workload, whatever address the application connects from."""
+    env = {
+        **mesh["ztunnels"][0].env,
+        "NODE_NAME": "",
+        "PROXY_WORKLOAD_INFO": "default/sleep-1/sleep",
+        "SOCKS5_ADDR": "127.11.5.1:15080",
+        "STATS_ADDR": "127.11.5.1:15020",
+        "READINESS_ADDR": "127.11.5.1:15021",
+        "ADMIN_ADDR": "127.11.5.1:15000",
+        "INBOUND_ADDR": "127.11.5.1:15008",
+        "INBOUND_PLAINTEXT_ADDR": "off",
+    }
+    dedicated = Daemon("ztunnel_py", env, tmp_path / "dedicated.log", "127.11.5.1:15021").start()
+    try:
+        await dedicated.wait_ready()
+        code, out, err = await run_curl("--socks5-hostname", "127.11.5.1:15080", f"http://{ECHO_HOST}/")
+        assert code == 0, err.decode() + dedicated.logs()
+        assert out.startswith(b"echo-1 ")
+        (labels, _), *_ = metric_samples(await scrape("127.11.5.1:15020"), "istio_tcp_connections_opened_total")
+        assert labels["source_workload"] == "sleep"
+    finally:
+        dedicated.stop()
