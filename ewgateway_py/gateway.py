@@ -11,7 +11,6 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Callable
 from typing import Any
 
 from ewgateway_py.balancer import EndpointBalancer
@@ -91,7 +90,8 @@ class Gateway:
             entry.complete(recorder, None, "client went away before the upstream connection was ready")
             return
         tunnel.respond(200)
-        relay = Relay(on_progress=_counting(recorder))
+        # Side a is the client's tunnel: a→b is client→server ("received"), b→a "sent".
+        relay = Relay(on_progress=recorder.add)
         try:
             result = await relay.start(tunnel, transport)  # type: ignore[arg-type]
         except asyncio.CancelledError:
@@ -164,12 +164,6 @@ def _with_service(labels: TrafficLabels, service: Service) -> TrafficLabels:
         destination_service_namespace=service.namespace,
         destination_service_name=service.name,
     )
-
-
-def _counting(recorder: TcpRecorder) -> Callable[[int, int], None]:
-    # The relay's side a is the client's tunnel: a→b is client→server ("received"), b→a is "sent".
-    add = (recorder.add_received, recorder.add_sent)
-    return lambda direction, n: add[direction](n)
 
 
 async def _connect(address: tuple[str, int]) -> asyncio.Transport:

@@ -299,6 +299,13 @@ class TcpRecorder:
         """Server→client bytes (for either reporter)."""
         self._tx += n
 
+    def add(self, direction: int, n: int) -> None:
+        """A relay's progress hook: direction 0 is client→server, 1 server→client."""
+        if direction == 0:
+            self._rx += n
+        else:
+            self._tx += n
+
     def relabel(self, labels: TrafficLabels) -> bool:
         """Replace the labels of a provisional recorder and count it as opened.
 

@@ -82,13 +82,7 @@ class Inbound:
             headers.append(("baggage", node.baggage_of(call.destination)))
         tunnel.respond(200, headers)
 
-        def progress(direction: int, n: int) -> None:
-            if direction == 0:
-                recorder.add_received(n)
-            else:
-                recorder.add_sent(n)
-
-        result = await Relay(progress).start(tunnel, app)  # type: ignore[arg-type]
+        result = await Relay(recorder.add).start(tunnel, app)  # type: ignore[arg-type]
         recorder.close(NO_FLAGS)
         self._log(
             call, 200, NO_FLAGS, result.a_to_b, result.b_to_a, started, str(result.error) if result.error else None

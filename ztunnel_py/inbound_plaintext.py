@@ -67,11 +67,8 @@ class PlaintextProtocol(Buffered):
             transport.close()
             return
 
-        def progress(direction: int, n: int) -> None:
-            (recorder.add_received if direction == 0 else recorder.add_sent)(n)
-
         transport.resume_reading()
-        result = await Relay(progress).start(transport, app)  # type: ignore[arg-type]
+        result = await Relay(recorder.add).start(transport, app)  # type: ignore[arg-type]
         recorder.close(NO_FLAGS)
         if node.ctx.access_log.enabled:
             node.ctx.access_log.write(

@@ -116,13 +116,7 @@ class Outbound:
             recorder.relabel(self._labels(source, hop, request, inner=upstream))
         outcome(None)
 
-        def progress(direction: int, n: int) -> None:
-            if direction == 0:
-                recorder.add_received(n)
-            else:
-                recorder.add_sent(n)
-
-        relay = Relay(progress)
+        relay = Relay(recorder.add)
         transport.resume_reading()
         result = await relay.start(transport, upstream)
         flag = NO_FLAGS
