@@ -63,6 +63,18 @@ def parser() -> argparse.ArgumentParser:
         help="measure a run again if other load exceeded this during it (default 25; see --retries)",
     )
     p.add_argument("--retries", type=int, default=3, help="re-measurements of a disturbed run (default 3)")
+    p.add_argument(
+        "--rate", type=float, default=1000.0,
+        help="request scenarios: requests/s of the fixed-rate keep-alive runs (latency, CPU per 1000 requests; "
+        "default 1000)",
+    )
+    p.add_argument(
+        "--new-conn-rate", type=float, default=200.0,
+        help="request scenarios: requests/s of the fixed-rate runs with a new connection per request (default 200)",
+    )
+    p.add_argument(
+        "--connections", type=int, default=16, help="request scenarios: concurrent connections (default 16)"
+    )
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
     p.add_argument("--profile", type=Path, metavar="DIR", help="one extra run per Python variant under py-spy")
     p.add_argument("--native", action="store_true", help="with --profile: C frames too (py-spy --native)")
@@ -93,8 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [n for n in args.scenarios if n not in SCENARIOS]
     if unknown:
         sys.exit(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
-    if args.runs < 1 or args.seconds <= 0:
-        sys.exit("--runs must be ≥ 1 and --seconds > 0")
+    if args.runs < 1 or args.seconds <= 0 or args.rate <= 0 or args.new_conn_rate <= 0 or args.connections < 1:
+        sys.exit("--runs and --connections must be ≥ 1; --seconds, --rate and --new-conn-rate > 0")
     options = Options(
         runs=args.runs,
         seconds=args.seconds,
@@ -103,6 +115,9 @@ def main(argv: list[str] | None = None) -> None:
         profile_dir=args.profile.resolve() if args.profile else None,
         profile_native=args.native,
         verify=args.verify,
+        rate=args.rate,
+        new_conn_rate=args.new_conn_rate,
+        connections=args.connections,
         quiet_threshold=args.quiet_threshold,
         quiet_wait=args.quiet_wait,
         max_other_load=args.max_other_load,

@@ -28,6 +28,9 @@ class Options:
     profile_dir: Path | None = None  # set: one extra run per Python variant under py-spy
     profile_native: bool = False
     verify: bool = False  # bulk data: hash on both ends (costs CPU in source and sink, not in proxies)
+    rate: float = 1000.0  # requests/s of the fixed-rate keep-alive runs of request scenarios
+    new_conn_rate: float = 200.0  # ... and of their fixed-rate runs with a new connection per request
+    connections: int = 16  # concurrent connections of the request scenarios' load
     quiet_threshold: float = 15.0  # before each run, wait for other load below this (% of one core) ...
     quiet_wait: float = 60.0  # ... for at most this many seconds (0: do not wait)
     max_other_load: float = 25.0  # a run during which other load ("core_other") exceeded this ...

@@ -28,6 +28,7 @@ class LoadResult:
     p50_ms: float | None
     p90_ms: float | None
     p99_ms: float | None
+    cpu: float | None = None  # CPU seconds of the generator itself (http_load only)
 
     def as_run(self) -> dict[str, float]:
         """The figures as a `framework.Run` (missing percentiles left out)."""
@@ -120,14 +121,23 @@ def run_http_load(
     seconds: float = 5.0,
     new_connection: bool = False,
     loop: str = "uvloop",
+    bind: str | None = None,
+    rate: float | None = None,
 ) -> LoadResult:
-    """One bounded run of `bench.workers.http_load` against `target` (HOST:PORT), maybe via SOCKS5."""
+    """One bounded run of `bench.workers.http_load` against `target` (HOST:PORT), maybe via SOCKS5.
+
+    `bind`: source IP of the first hop (the client pod, by which a ztunnel knows who connects); `rate`:
+    requests per second on a fixed schedule instead of a closed loop (see the worker's docstring)."""
     argv = python_module(
         "bench.workers.http_load", "--target", target, "--connections", connections, "--seconds", seconds,
         "--loop", loop,
     )
     if socks5:
         argv += ["--socks5", socks5]
+    if bind:
+        argv += ["--bind", bind]
+    if rate:
+        argv += ["--rate", str(rate)]
     if connect:
         argv += ["--connect", connect]
     if new_connection:
@@ -145,17 +155,27 @@ def run_http_load(
         p50_ms=record["p50_ms"],
         p90_ms=record["p90_ms"],
         p99_ms=record["p99_ms"],
+        cpu=record.get("cpu"),
     )
 
 
 def hold_connections(
-    procs: ProcessGroup, name: str, target: str, count: int, *, socks5: str | None = None, timeout: float = 120
+    procs: ProcessGroup,
+    name: str,
+    target: str,
+    count: int,
+    *,
+    socks5: str | None = None,
+    bind: str | None = None,
+    timeout: float = 120,
 ) -> Process:
     """Open `count` connections (one request each) and keep them open; stop the returned process to
     close them. For RSS per open connection: read the proxy's memory before and after."""
     argv = python_module("bench.workers.http_load", "--target", target, "--hold", count)
     if socks5:
         argv += ["--socks5", socks5]
+    if bind:
+        argv += ["--bind", bind]
     proc = procs.start(name, argv)
     record = proc.read_json(timeout)
     if record["open"] != count:

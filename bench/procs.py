@@ -40,10 +40,19 @@ def python_module(module: str, *args: object) -> list[str]:
 
 
 class Process:
-    """One started program: its stdout is a pipe of JSON lines, its stderr goes to `<logdir>/<name>.log`."""
+    """One started program: its stdout is a pipe of JSON lines, its stderr goes to `<logdir>/<name>.log`.
+
+    With `stdout_to_log` its stdout goes to the log too (daemons that write access logs on stdout: a pipe
+    nobody reads would fill up and stall them); `read_json` and `output` are then unavailable."""
 
     def __init__(
-        self, name: str, argv: Sequence[str], logdir: Path, *, env: dict[str, str] | None = None
+        self,
+        name: str,
+        argv: Sequence[str],
+        logdir: Path,
+        *,
+        env: dict[str, str] | None = None,
+        stdout_to_log: bool = False,
     ) -> None:
         self.name = name
         self.argv = list(argv)
@@ -52,7 +61,7 @@ class Process:
             self.popen = subprocess.Popen(
                 self.argv,
                 stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
+                stdout=log if stdout_to_log else subprocess.PIPE,
                 stderr=log,
                 env={**os.environ, **(env or {})},
                 start_new_session=True,
@@ -163,14 +172,16 @@ class ProcessGroup:
         self.logdir = logdir
         self.processes: list[Process] = []
 
-    def start(self, name: str, argv: Sequence[str], *, env: dict[str, str] | None = None) -> Process:
+    def start(
+        self, name: str, argv: Sequence[str], *, env: dict[str, str] | None = None, stdout_to_log: bool = False
+    ) -> Process:
         """Start `argv` as `name` (made unique with -2, -3, ... for processes started once per run)."""
         taken = {p.name for p in self.processes}
         unique, n = name, 1
         while unique in taken:
             n += 1
             unique = f"{name}-{n}"
-        proc = Process(unique, argv, self.logdir, env=env)
+        proc = Process(unique, argv, self.logdir, env=env, stdout_to_log=stdout_to_log)
         self.processes.append(proc)
         return proc
 

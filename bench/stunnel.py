@@ -22,8 +22,17 @@ def stunnel_binary() -> str:
     raise RuntimeError("stunnel is not installed (make bench installs it: scripts/setup-system.sh stunnel4)")
 
 
-def config(*, client: bool, accept: int, connect: int, certs: CertFiles, host: str = "127.0.0.1") -> str:
-    """One stunnel service: `client` takes plain TCP and speaks TLS to `connect`; a server the reverse."""
+def config(
+    *,
+    client: bool,
+    accept: int,
+    connect: int,
+    certs: CertFiles,
+    host: str = "127.0.0.1",
+    connect_host: str | None = None,
+) -> str:
+    """One stunnel service: `client` takes plain TCP and speaks TLS to `connect`; a server the reverse.
+    Both listen on `host`; `connect` is on `connect_host` (default: `host` too)."""
     lines = [
         "foreground = yes",  # stay our child process, log to stderr
         "pid =",
@@ -33,7 +42,7 @@ def config(*, client: bool, accept: int, connect: int, certs: CertFiles, host: s
         "[bench]",
         f"client = {'yes' if client else 'no'}",
         f"accept = {host}:{accept}",
-        f"connect = {host}:{connect}",
+        f"connect = {connect_host or host}:{connect}",
         f"cert = {certs.chain}",
         f"key = {certs.key}",
         f"CAfile = {certs.root}",
@@ -55,11 +64,12 @@ def start(
     accept: int,
     connect: int,
     certs: CertFiles,
+    connect_host: str | None = None,
 ) -> Process:
     """Write `<folder>/<name>.conf`, start stunnel on it and wait until it listens on `accept`."""
     folder.mkdir(parents=True, exist_ok=True)
     conf = folder / f"{name}.conf"
-    conf.write_text(config(client=client, accept=accept, connect=connect, certs=certs))
+    conf.write_text(config(client=client, accept=accept, connect=connect, certs=certs, connect_host=connect_host))
     proc = procs.start(name, [stunnel_binary(), str(conf)])
     wait_listening(accept, proc)
     return proc

@@ -1,9 +1,14 @@
 """HTTP/1.1 load generator that can go through SOCKS5 (the way into a ztunnel), where `wrk` cannot.
 
 `--connections` clients each send GET, wait for the whole answer, and repeat until `--seconds` are up:
-over one keep-alive connection each, or (`--new-connection`) over a fresh connection per request, whose
-latency then includes connect (and the SOCKS5 exchange). Prints one JSON line:
-{"requests", "errors", "seconds", "rps", "p50_ms", "p90_ms", "p99_ms", "max_ms", "statuses"}.
+over one keep-alive connection each (opened before the clock starts), or (`--new-connection`) over a
+fresh connection per request, whose latency then includes connect (and the SOCKS5 exchange). Closed loop
+by default (as fast as answers come); with `--rate R` the clients together start R requests per second
+on a fixed schedule (each client every connections/R seconds) and a request's latency counts from its
+scheduled start, so a path that falls behind shows it in the latency instead of quietly sending less (no
+coordinated omission). `--bind IP` sets the source address of the first hop (a ztunnel identifies the
+client pod by it). Prints one JSON line:
+{"requests", "errors", "seconds", "rps", "p50_ms", "p90_ms", "p99_ms", "max_ms", "statuses", "cpu"}.
 
 `--hold N` instead opens N connections, makes one request on each, prints {"open": N, ...} and keeps
 them open until stopped: for memory per open connection.
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import os
 import socket
 import struct
 import time
@@ -108,10 +114,36 @@ class Client(asyncio.Protocol):
         return int(head[9:12])
 
 
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+
+
+def bound_socket(bind: str) -> socket.socket:
+    """A TCP socket with source address `bind`; the port is picked at connect time (IP_BIND_ADDRESS_NO_PORT),
+    per destination, so that thousands of short connections do not run out of ports bound at bind()."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        sock.bind((bind, 0))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 async def connect(args: argparse.Namespace) -> Client:
     loop = asyncio.get_running_loop()
     first_hop = args.socks5 or args.connect or args.target
-    transport, client = await loop.create_connection(Client, *first_hop)
+    if args.bind:
+        sock = bound_socket(args.bind)
+        try:
+            await loop.sock_connect(sock, first_hop)
+        except OSError:
+            sock.close()
+            raise
+        transport, client = await loop.create_connection(Client, sock=sock)
+    else:
+        transport, client = await loop.create_connection(Client, *first_hop)
     sock = transport.get_extra_info("socket")
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -131,22 +163,57 @@ async def load(args: argparse.Namespace) -> None:
     latencies: list[float] = []
     statuses: Counter[int] = Counter()
     errors = 0
+    # Keep-alive: connect every client before the clock starts, so that connection set-up (SOCKS5, a new
+    # HBONE stream, an inner TLS handshake on a double-HBONE path) is not counted as request latency.
+    ready: list[Client | None] = [None] * args.connections
+    if not args.new_connection:
+        opened = await asyncio.gather(*(connect(args) for _ in range(args.connections)), return_exceptions=True)
+        for i, outcome in enumerate(opened):
+            if isinstance(outcome, Client):
+                ready[i] = outcome
+            elif isinstance(outcome, OSError | LoadError | ValueError):
+                errors += 1
+            else:
+                raise outcome
     start = time.perf_counter()
     deadline = start + args.seconds
+    # --rate: client i starts its k-th request at start + (i + k * connections) / rate.
+    interval = args.connections / args.rate if args.rate else 0.0
 
-    async def one_client() -> None:
+    async def one_client(index: int) -> None:
         nonlocal errors
+        slot = start + index / args.rate if args.rate else start
+
+        async def next_start() -> float:
+            """Wait for this client's next slot (fixed rate) and return the time its latency counts from:
+            the slot if the client is behind schedule, else when the timer woke it (event loop timers are
+            late by up to a millisecond, which is not the path's doing)."""
+            nonlocal slot
+            if not interval:
+                return time.perf_counter()
+            scheduled = slot
+            slot += interval
+            if scheduled - time.perf_counter() <= 0:
+                return scheduled
+            await asyncio.sleep(scheduled - time.perf_counter())
+            return time.perf_counter()
+
         while time.perf_counter() < deadline:
-            began = time.perf_counter()
-            client = None
+            client, ready[index] = ready[index], None
             try:
-                client = await connect(args)
-                while time.perf_counter() < deadline:
-                    t0 = began if args.new_connection else time.perf_counter()
+                began = await next_start()
+                if began >= deadline:
+                    break
+                if client is None:
+                    client = await connect(args)
+                while True:
                     status = await client.exchange(request)
-                    latencies.append(time.perf_counter() - t0)
+                    latencies.append(time.perf_counter() - began)
                     statuses[status] += 1
                     if args.new_connection:
+                        break
+                    began = await next_start()
+                    if began >= deadline:
                         break
             except (OSError, LoadError, ValueError):
                 errors += 1
@@ -155,7 +222,10 @@ async def load(args: argparse.Namespace) -> None:
                 if client is not None and client.transport is not None:
                     client.transport.close()
 
-    await asyncio.gather(*(one_client() for _ in range(args.connections)))
+    await asyncio.gather(*(one_client(i) for i in range(args.connections)))
+    for unused in ready:
+        if unused is not None and unused.transport is not None:
+            unused.transport.close()
     elapsed = time.perf_counter() - start
     latencies.sort()
 
@@ -173,6 +243,7 @@ async def load(args: argparse.Namespace) -> None:
             "p99_ms": pct(0.99),
             "max_ms": 1000 * latencies[-1] if latencies else None,
             "statuses": {str(k): v for k, v in statuses.items()},
+            "cpu": sum(os.times()[:2]),
         }
     )
 
@@ -203,6 +274,8 @@ def main() -> None:
     parser.add_argument("--target", type=host_port, required=True, help="the HTTP server (SOCKS5 destination)")
     parser.add_argument("--connect", type=host_port, help="TCP address to connect to, if not the target")
     parser.add_argument("--socks5", type=host_port, help="reach the target through this SOCKS5 proxy")
+    parser.add_argument("--bind", metavar="IP", help="source address of the first hop (the client pod's IP)")
+    parser.add_argument("--rate", type=float, help="requests per second in all, on a fixed schedule")
     parser.add_argument("--host", help="Host header (default: the target)")
     parser.add_argument("--path", default="/")
     parser.add_argument("--connections", type=int, default=10)

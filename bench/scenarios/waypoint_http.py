@@ -1,0 +1,98 @@
+"""waypoint-http: HTTP requests through ztunnel -> waypoint -> ztunnel, against the L4 path ztunnel -> ztunnel.
+
+    L4 path:   client pod --SOCKS5--> ztunnel node1 ==HBONE==> ztunnel node2 --> server pod
+    waypoint:  client pod --SOCKS5--> ztunnel node1 ==HBONE==> waypoint ==HBONE==> ztunnel node2 --> server pod
+
+One cluster, two nodes, the real daemons on loopback. The same server pod backs two services: `server`
+(no waypoint: L4 only) and `server-wp` (`waypoint: waypoint`: the waypoint parses each HTTP/1.1 request,
+routes it to an endpoint and forwards it over its own pooled HBONE connection). Requests go to the service's
+VIP; the generator (`bench.workers.http_load`) binds the client pod's IP.
+
+Loads: fixed rate keep-alive (latency, CPU per 1000 requests = vCPU per 1000 req/s), fixed rate with a new
+connection per request, and a closed loop keep-alive ("max": the most requests/s on this 2-core machine,
+where the generator, the server and the proxies share the cores).
+"""
+
+from __future__ import annotations
+
+from bench.framework import Column, Context, Ratio, ScenarioResult, Variant, run_interleaved, scenario
+from bench.httpbench import REQUEST_COLUMNS, TAIL_COLUMNS, Load, RequestPath, loads, measure_requests, profile_runs
+from bench.loadgen import start_http_server
+from bench.mesh import BenchMesh
+
+L4 = "L4 ztunnel pair / {mode}"
+WAYPOINT = "via waypoint / {mode}"
+
+TOPOLOGY = """\
+clusters:
+- {id: cluster1, network: network1, nodes: [node1, node2], waypoints: [waypoint]}
+apps:
+- {name: client, cluster: cluster1, node: node1, tcpPort: false}
+- {name: server, cluster: cluster1, node: node2, tcpPort: false}
+services:
+- {name: server, ports: {80: 8080}}
+- {name: server-wp, selector: server, ports: {80: 8080}, waypoint: waypoint}
+"""
+
+
+@scenario("waypoint-http", "HTTP requests/s, latency, CPU: ztunnel -> waypoint -> ztunnel vs ztunnel -> ztunnel")
+def run(ctx: Context) -> ScenarioResult:
+    mesh = BenchMesh(ctx, TOPOLOGY)
+    client_ip, server_ip = mesh.pod_ip("client"), mesh.pod_ip("server")
+    server, _ = start_http_server(ctx.procs, "http-server", host=server_ip, port=8080)
+    z1, z2, waypoint = mesh.start("cluster1/ztunnel/node1", "cluster1/ztunnel/node2", "cluster1/waypoint/waypoint")
+    socks5 = mesh.socks5("cluster1", "node1")
+    paths = {
+        L4: RequestPath(
+            "L4", f"{mesh.vip('server')}:80", socks5=socks5, bind=client_ip,
+            charged={"src": z1, "dst": z2}, others=[server],
+        ),
+        WAYPOINT: RequestPath(
+            "waypoint", f"{mesh.vip('server-wp')}:80", socks5=socks5, bind=client_ip,
+            charged={"src": z1, "wp": waypoint, "dst": z2}, others=[server],
+        ),
+    }  # fmt: skip
+    chosen = [*loads(ctx, closed_loop=False), Load("keep-alive, max", False, None)]
+    variants = [
+        Variant(name.format(mode=load.label), lambda p=path, m=load: measure_requests(ctx, p, m), {"mode": load.label})
+        for load in chosen
+        for name, path in paths.items()
+    ]
+    results = run_interleaved(ctx, variants)
+    wp = paths[WAYPOINT]
+    details = profile_runs(
+        ctx,
+        "waypoint-http",
+        [
+            (WAYPOINT.format(mode=load.label), lambda m=load: measure_requests(ctx, wp, m), wp.charged)
+            for load in loads(ctx, closed_loop=False)
+        ],
+    )
+    notes = [
+        f"{ctx.options.runs} runs each, median (min-max); each run {ctx.options.seconds:g} s, "
+        f"{ctx.options.connections} connections, GET -> 200 + 1 KiB; fixed rate: latency from each request's "
+        "scheduled start; max: closed loop",
+        "CPU = CPU s per 1000 requests (= vCPU per 1000 req/s) of the source ztunnel, the waypoint, the "
+        "destination ztunnel",
+        "target (issue 5): ≤ 0.25 vCPU per 1000 req/s for the waypoint",
+    ]
+    return ScenarioResult(
+        scenario="waypoint-http",
+        title="waypoint-http: 1 KiB HTTP requests, client pod -> ztunnel -> [waypoint ->] ztunnel -> server pod",
+        columns=[
+            *REQUEST_COLUMNS,
+            Column("cpu_src", "src zt CPU s/1k req", "{:.3f}"),
+            Column("cpu_wp", "waypoint CPU s/1k req", "{:.3f}"),
+            Column("cpu_dst", "dst zt CPU s/1k req", "{:.3f}"),
+            Column("core_wp", "waypoint core%", "{:.0f}"),
+            *TAIL_COLUMNS,
+        ],
+        variants=results,
+        ratios=[
+            Ratio("rps", L4, "req/s vs L4"),
+            Ratio("p50_ms", L4, "p50 vs L4"),
+            Ratio("cpu_path", L4, "path CPU/req vs L4"),
+        ],
+        notes=notes,
+        details=details,
+    )
