@@ -392,8 +392,12 @@ class HboneConnection(asyncio.Protocol):
     def _flush(self) -> None:
         if self._transport is None or self._closed:
             return
+        if not self._outbox.chunks and not self._h2._data_to_send:
+            return
         chunks = self._outbox.take()
-        if chunks:
+        if len(chunks) == 1:
+            self._transport.write(chunks[0])
+        else:
             self._transport.writelines(chunks)
 
     # -- keepalive, handshake, drain, close --------------------------------------------------------------

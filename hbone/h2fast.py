@@ -32,6 +32,7 @@ DataFrame.__repr__ = _data_repr  # type: ignore[method-assign]
 _FRAME_HEADER = struct.Struct("!HBBBL")
 _DATA_TYPE = 0x0
 _END_STREAM = 0x1
+SMALL_FRAME = 16 * 1024  # below this a DATA payload is joined to its header (one copy, one TLS record)
 
 
 class FastFrameBuffer(FrameBuffer):
@@ -104,20 +105,23 @@ class Outbox:
                 n = len(f.data)
                 f.body_len = n
                 flags = _END_STREAM if "END_STREAM" in f.flags else 0
-                chunks.append(_FRAME_HEADER.pack(n >> 8, n & 0xFF, _DATA_TYPE, flags, f.stream_id & 0x7FFFFFFF))
-                if n:
+                header = _FRAME_HEADER.pack(n >> 8, n & 0xFF, _DATA_TYPE, flags, f.stream_id & 0x7FFFFFFF)
+                if n > SMALL_FRAME:
+                    chunks.append(header)
                     chunks.append(f.data)
+                else:  # one piece, so a small message is one TLS record, not two
+                    chunks.append(header + f.data)
             else:
                 chunks.append(f.serialize())
 
     def _move_direct(self) -> None:
         # h2 writes its connection preamble straight into its own buffer; keep it first.
-        direct = self._conn.data_to_send()
-        if direct:
-            self.chunks.append(direct)
+        if self._conn._data_to_send:
+            self.chunks.append(self._conn.data_to_send())
 
     def take(self) -> list[bytes | memoryview]:
-        self._move_direct()
+        if self._conn._data_to_send:
+            self._move_direct()
         chunks, self.chunks = self.chunks, []
         return chunks
 

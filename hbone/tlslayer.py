@@ -116,7 +116,8 @@ class TlsOverTransport(asyncio.Transport):
     def _read_app(self) -> None:
         while not self._reading_paused and not self._lost:
             try:
-                chunk = self._ssl.read(READ_CHUNK)
+                # Ask for no more than can be there: `read(n)` allocates n bytes before it knows.
+                chunk = self._ssl.read(min(READ_CHUNK, max(self._in.pending, self._ssl.pending(), 1024)))
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
