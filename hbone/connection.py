@@ -138,7 +138,11 @@ class HboneConnection(asyncio.Protocol):
         self._batch = True
         try:
             for event in events:
-                self._dispatch(event)
+                try:
+                    self._dispatch(event)
+                except Exception:
+                    # A bug in one stream's consumer must cost that stream only, not every stream here.
+                    self._isolate_failure(event)
         finally:
             self._batch = False
         self._flush()
@@ -193,6 +197,13 @@ class HboneConnection(asyncio.Protocol):
             self._ping_sent_at = None
         elif isinstance(event, h2.events.ConnectionTerminated):
             self._lost(f"peer ended the connection ({event.error_code!r})")
+
+    def _isolate_failure(self, event: h2.events.Event) -> None:
+        sid = getattr(event, "stream_id", 0)
+        tunnel = self._streams.get(sid) if sid else None
+        log.exception("error handling %s on %r; resetting that stream", type(event).__name__, tunnel or self)
+        if tunnel is not None and not tunnel.finished:
+            tunnel.abort(ErrorCodes.INTERNAL_ERROR)
 
     def _on_request(self, event: h2.events.RequestReceived) -> None:
         sid = event.stream_id

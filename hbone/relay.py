@@ -123,12 +123,7 @@ class _End(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
-        peer = self.peer.transport
-        if peer.can_write_eof():
-            if not peer.is_closing():
-                peer.write_eof()
-        else:
-            peer.close()
+        self._end_peer()
         self.relay._maybe_done()
         return True  # keep our write side open: the other direction goes on
 
@@ -139,15 +134,26 @@ class _End(asyncio.Protocol):
         elif not self.eof:
             # Closed without EOF and without error (e.g. a clean stream reset): end the other direction.
             self.eof = True
-            peer = self.peer.transport
-            if not peer.is_closing():
-                if peer.can_write_eof():
-                    peer.write_eof()
-                else:
-                    peer.close()
+            self._end_peer()
         if not self.peer.closed and self.peer.eof and not self.peer.transport.is_closing():
             self.peer.transport.close()
         self.relay._maybe_done()
+
+    def _end_peer(self) -> None:
+        """Half-close the other side (TLS, which cannot half-close, is closed)."""
+        peer = self.peer.transport
+        if peer.is_closing():
+            return
+        if not peer.can_write_eof():
+            peer.close()
+            return
+        try:
+            peer.write_eof()
+        except OSError as exc:
+            # The other side is already gone (say, its application just reset it): end this relay with a
+            # reset of our side. The error must not escape into whatever is delivering our data (an HTTP/2
+            # connection carrying other streams).
+            self.relay._fail(self.peer, exc)
 
     def pause_writing(self) -> None:
         # Our transport's write buffer is full: stop reading from the other side.
