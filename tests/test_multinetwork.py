@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from topology import netns
 from topology.app import pattern_sha256
 from topology.launch import Mesh
+from topology.loader import parse_topology
 
 REPO = Path(__file__).resolve().parents[1]
 TWO = REPO / "topology" / "examples" / "two-networks.yaml"
@@ -172,8 +173,20 @@ async def test_waypoint_leaves_the_remote_end_unknown_without_baggage(mesh_off: 
         assert r["response_code"] == "200"
 
 
-async def test_waypoint_balances_each_request_of_one_connection(mesh_on: Mesh) -> None:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def mesh_three_reviews(tmp_path_factory: pytest.TempPathFactory):
+    """The example with three `reviews` pods in cluster2, behind cluster1's waypoint."""
+    text = TWO.read_text().replace("{name: reviews-v1, cluster: cluster2, version: v1}",
+                                   "{name: reviews-v1, cluster: cluster2, version: v1, replicas: 3}")  # fmt: skip
+    assert "replicas: 3}" in text
+    topology = parse_topology(text, str(TWO))
+    async with Mesh(topology, tmp_path_factory.mktemp("mesh-3-reviews"), baggage=True, mode="netns") as mesh:
+        yield mesh
+
+
+async def test_waypoint_balances_each_request_of_one_connection(mesh_three_reviews: Mesh) -> None:
     """300 requests on one keep-alive connection: the waypoint picks a remote pod per request."""
+    mesh_on = mesh_three_reviews
 
     async def connections_to_waypoint() -> float:
         ztunnel = await mesh_on.scrape("cluster1/ztunnel")

@@ -56,8 +56,10 @@ async def test_requests_on_one_connection_spread_over_endpoints(
                   request_protocol="http", response_flags="-", connection_security_policy="mutual_tls")  # fmt: skip
     assert total(samples, REQUESTS, **labels) >= 300
     assert total(samples, REQUESTS, source_workload="liar") == 0
+    # Balanced per request, yet not a CONNECT per request: kept-alive upstream connections, one per endpoint.
     connects = [c for z in endpoints.ztunnels.values() for c in z.connects]
-    assert len(connects) == 300
+    assert 3 <= len(connects) <= 5, len(connects)
+    assert sum(endpoints.apps[name].connections for name in seen) == len(connects)
     assert all("baggage" not in c.headers for c in connects)
     assert all(c.headers["forwarded"].endswith(f";host={fqdn('echo')}") for c in connects)
 
@@ -178,10 +180,11 @@ async def test_remote_endpoint_through_gateway(pki: TestPki, topo: Topology, way
     client.close()
     assert endpoints.gateway is not None and endpoints.remote is not None
     outer = endpoints.gateway.connects
-    assert len(outer) == 3  # a stream per request: a fresh inner connection each time
+    # The remote network stands for one endpoint (capacity 1), so one inner connection carries all three.
+    assert len(outer) == 1
     assert all(c.authority == f"{fqdn('remote')}:80" and c.headers["x-istio-source"] == "waypoint" for c in outer)
     inner = endpoints.remote.connects
-    assert len(inner) == 3
+    assert len(inner) == 1
     assert all(c.headers["x-forwarded-network"] == "net1" and "x-istio-source" not in c.headers for c in inner)
     # Flag off: a remote destination is unknown but for the identity its inner TLS proved.
     samples = waypoint.scrape()

@@ -23,7 +23,8 @@ async def test_grpc_over_http2_with_trailers(pki: TestPki, topo: Topology, waypo
                                              endpoints: Endpoints) -> None:  # fmt: skip
     _, tunnel = await open_tunnel(pki, CLIENT_ID, waypoint.inbound, WAYPOINT_ID, topo.authority("grpc"))
     messages = [f"hello {i}".encode() * (i + 1) for i in range(5)]
-    # Five calls at once on one HTTP/2 connection: each is its own request upstream.
+    # Five calls at once on one HTTP/2 connection: each is its own request upstream, a stream of one shared
+    # upstream HTTP/2 connection to the endpoint.
     results = await grpc_calls(tunnel, "grpc:50051", "/echo.Echo/Say", messages)
     for message, result in zip(messages, results, strict=True):
         assert result.headers[":status"] == "200"
@@ -31,7 +32,8 @@ async def test_grpc_over_http2_with_trailers(pki: TestPki, topo: Topology, waypo
         assert result.trailers == {"grpc-status": "0", "grpc-message": "done"}
     seen = endpoints.grpc.seen_headers[-1]
     assert seen["te"] == "trailers" and seen[":path"] == "/echo.Echo/Say"
-    assert len(endpoints.ztunnels["grpc"].connects) == 5
+    assert len(endpoints.ztunnels["grpc"].connects) == 1
+    assert endpoints.grpc.connections == 1
     samples = waypoint.scrape()
     assert total(samples, "istio_requests_total", destination_service=fqdn("grpc"), request_protocol="grpc",
                  grpc_response_status="0", response_code="200", destination_workload="grpc") == 5  # fmt: skip

@@ -36,5 +36,6 @@ async def serve(settings: Settings, drain: asyncio.Event) -> None:
         log.info("draining: GOAWAY to clients, open requests have %.1fs", settings.drain_deadline)
         waypoint.inbound.drain()
         await server.shutdown(settings.drain_deadline)
+        waypoint.upstreams.close()
     finally:
         await ctx.close()

@@ -16,21 +16,23 @@ from typing import TYPE_CHECKING
 from hbone.identity import Identity
 from mesh.metrics import PeerLabels
 from mesh.model import RetryPolicy
-from mesh.routing import Hop, Router, RoutingError
+from mesh.routing import Hop, RoutingError
 from waypoint_py import retry
 from waypoint_py.body import RETRY_BODY_LIMIT, BodyCursor, RetainedBody
 from waypoint_py.destination import OriginalDestination
+from waypoint_py.endpoints import EndpointChooser
 from waypoint_py.errors import DownstreamGone, UpstreamConnectFailed, UpstreamReset
-from waypoint_py.http_types import Downstream, ResponseHead, Upstream, first
+from waypoint_py.http_types import Downstream, RequestHead, ResponseHead, Upstream, first
 from waypoint_py.routes import NoRoute, RouteTarget, decide
 from waypoint_py.telemetry import RequestReport
-from waypoint_py.upstream_h1 import Http1Upstream
-from waypoint_py.upstream_h2 import Http2Upstream
 
 if TYPE_CHECKING:
     from waypoint_py.proxy import Waypoint
 
 log = logging.getLogger("waypoint.forward")
+
+# Methods that may be sent again after an upstream connection failed before any answer (RFC 9110 §9.2.2).
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 # gRPC's mapping of HTTP statuses for responses without grpc-status (gRPC's http-grpc-status-mapping.md).
 _GRPC_OF_HTTP = {400: "13", 401: "16", 403: "7", 404: "12", 429: "14", 502: "14", 503: "14", 504: "14"}
@@ -51,9 +53,16 @@ class _RetryThis(Exception):
     """This attempt's outcome asks for another attempt."""
 
 
+def _may_resend(head: RequestHead, body: RetainedBody) -> bool:
+    """Safe to send again: everything read of the body is kept, and the method is idempotent or the whole
+    body was read (and kept) already."""
+    return body.replayable and (head.method in _IDEMPOTENT or (body.ended and not body.overflowed))
+
+
 class Forwarder:
     def __init__(self, waypoint: Waypoint) -> None:
         self.wp = waypoint
+        self.chooser = EndpointChooser(waypoint.network, waypoint.identity)
 
     def report_bad_request(self, conn: Downstreamer, protocol: str, status: int, why: str) -> None:
         now = time.monotonic()
@@ -108,26 +117,25 @@ class Forwarder:
         policy = rule.retry if rule is not None else None
         timeouts = rule.timeouts if rule is not None else None
         tries = retry.attempts(policy)
-        body = RetainedBody(ds, RETRY_BODY_LIMIT if tries > 1 else 0)
+        # Kept even without a retry policy: a request that meets a kept-alive connection the upstream has just
+        # closed is sent again on a new one, if its body was small enough to keep.
+        body = RetainedBody(ds, RETRY_BODY_LIMIT)
         limit = timeouts.request if timeouts is not None and timeouts.request else None
         try:
-            async with asyncio.timeout(limit) as scope:
+            if limit is None:
                 await self._attempts(conn, ds, target, body, policy, tries, report)
+            else:
+                async with asyncio.timeout(limit) as scope:
+                    await self._attempts(conn, ds, target, body, policy, tries, report)
         except TimeoutError:
-            if not scope.expired():
+            if limit is None or not scope.expired():
                 raise
             await self._reply(ds, report, 504, "UT", f"upstream request timeout ({limit:g}s)")
         finally:
             report.request_bytes = body.consumed
 
     def _pick(self, target: RouteTarget) -> Hop:
-        view = self.wp.view()
-        router = Router(view.state, self.wp.network)
-        if target.service is None or target.workload is not None:
-            assert target.workload is not None
-            return router.route_workload(view.workload, target.workload, target.ip, target.port,
-                                         skip_waypoint_of=self.wp.identity)  # fmt: skip
-        return router.route_service(view.workload, target.service, target.port, skip_waypoint_of=self.wp.identity)
+        return self.chooser.pick(self.wp.view(), target)
 
     async def _attempts(self, conn: Downstreamer, ds: Downstream, target: RouteTarget, body: RetainedBody,
                         policy: RetryPolicy | None, tries: int, report: RequestReport) -> None:  # fmt: skip
@@ -141,8 +149,11 @@ class Forwarder:
                 await self._reply(ds, report, 503, "UH", f"no healthy upstream: {exc}")
                 return
             try:
-                async with asyncio.timeout(backend_timeout) as per_try:
+                if backend_timeout is None:
                     await self._attempt(conn, ds, hop, body, policy, last, attempt, report)
+                else:
+                    async with asyncio.timeout(backend_timeout) as per_try:
+                        await self._attempt(conn, ds, hop, body, policy, last, attempt, report)
                 return
             except _RetryThis:
                 pass
@@ -155,7 +166,7 @@ class Forwarder:
                     await self._reply(ds, report, 503, "UF", f"upstream connect error: {exc}")
                     return
             except TimeoutError:
-                if not per_try.expired():
+                if backend_timeout is None or not per_try.expired():
                     raise
                 if last or not retry.on_status(policy, 504) or not body.replayable or ds.response_started:
                     await self._reply(ds, report, 504, "UT", f"upstream per-try timeout ({backend_timeout:g}s)")
@@ -168,41 +179,56 @@ class Forwarder:
                        policy: RetryPolicy | None, last: bool, attempt: int,
                        report: RequestReport) -> None:  # fmt: skip
         view = self.wp.view()
-        up = await self.wp.dialer.open(hop, view.baggage, conn.forwarded_for)
-        report.destination = up.destination
-        report.upstream = up.address
-        client: Upstream = Http2Upstream(up.reader, up.writer) if ds.protocol == "HTTP/2" else \
-            Http1Upstream(up.reader, up.writer)  # fmt: skip
-        pump: asyncio.Task[None] | None = None
-        try:
+        head = ds.head
+        if not head.has_body:
+            await body.cursor().next()  # the request's end, at once: nothing to stream, no task to pump it
+        fresh = False
+        while True:
+            lease = await self.wp.upstreams.lease(hop, ds.protocol, view.baggage, conn.forwarded_for, view.state,
+                                                  fresh=fresh)  # fmt: skip
+            report.destination = lease.destination
+            report.upstream = lease.address
+            client = lease.client
+            pump: asyncio.Task[None] | None = None
+            complete = False
             try:
-                await client.send_head(ds.head)
-                pump = asyncio.get_running_loop().create_task(self._pump(body.cursor(), client, body))
-                response = await self._response_head(client, pump)
-            except UpstreamReset as exc:
-                report.error = str(exc)
-                if not last and retry.on_reset(policy) and body.replayable:
-                    raise _RetryThis() from exc
-                report.flag(exc.flag)
-                if attempt > 0:
-                    report.flag("URX")
-                await self._reply(ds, report, 503, exc.flag, f"upstream reset before the response: {exc}")
+                try:
+                    if head.has_body:
+                        await client.send_head(head)
+                        pump = asyncio.get_running_loop().create_task(self._pump(body.cursor(), client, body))
+                        response = await self._response_head(client, pump)
+                    else:
+                        await client.send_head(head, end=True)  # the whole request in one write
+                        response = await client.response_head()
+                except UpstreamReset as exc:
+                    if lease.reused and not fresh and client.nothing_received and _may_resend(head, body):
+                        # A kept-alive connection the upstream had closed: once more, on a new connection.
+                        log.debug("%s %s: kept-alive upstream connection to %s failed (%s); sending it again on a "
+                                  "new one", head.method, head.path, lease.address, exc)  # fmt: skip
+                        fresh = True
+                        continue
+                    report.error = str(exc)
+                    if not last and retry.on_reset(policy) and body.replayable:
+                        raise _RetryThis() from exc
+                    report.flag(exc.flag)
+                    if attempt > 0:
+                        report.flag("URX")
+                    await self._reply(ds, report, 503, exc.flag, f"upstream reset before the response: {exc}")
+                    return
+                if retry.on_status(policy, response.status):
+                    if not last and body.replayable:
+                        report.error = f"upstream answered {response.status}"
+                        raise _RetryThis()
+                    if attempt > 0:
+                        report.flag("URX")
+                complete = await self._relay_response(ds, client, response, report)
                 return
-            if retry.on_status(policy, response.status):
-                if not last and body.replayable:
-                    report.error = f"upstream answered {response.status}"
-                    raise _RetryThis()
-                if attempt > 0:
-                    report.flag("URX")
-            await self._relay_response(ds, client, response, report)
-        finally:
-            if pump is not None and not pump.done():
-                pump.cancel()
-            if pump is not None:
-                await asyncio.gather(pump, return_exceptions=True)
-            if isinstance(client, Http2Upstream):
-                await client.close()
-            up.close()
+            finally:
+                if pump is not None:
+                    if not pump.done():
+                        pump.cancel()
+                    await asyncio.gather(pump, return_exceptions=True)
+                lease.release(complete)
 
     async def _pump(self, cursor: BodyCursor, client: Upstream, body: RetainedBody) -> None:
         while (chunk := await cursor.next()) is not None:
@@ -227,26 +253,35 @@ class Forwarder:
                 await asyncio.gather(head_task, return_exceptions=True)
 
     async def _relay_response(self, ds: Downstream, client: Upstream, response: ResponseHead,
-                              report: RequestReport) -> None:  # fmt: skip
+                              report: RequestReport) -> bool:  # fmt: skip
+        """Relay the response; True once it is complete (its upstream connection may then be kept)."""
         report.response_code = response.status
         if "URX" not in report.flags:
             report.error = ""  # an earlier attempt's failure is no longer the story
         grpc = first(response.headers, b"grpc-status")  # a trailers-only gRPC answer
         if grpc is not None:
             report.grpc_status = grpc.decode("latin-1")
-        await ds.start_response(response)
+        # What the upstream has already sent goes on together (a small response is one write); before
+        # waiting for more, whatever is held goes out.
+        await ds.start_response(response, hold=True)
         try:
-            while (chunk := await client.read_body()) is not None:
+            while True:
+                if not client.body_ready():
+                    await ds.flush()
+                chunk = await client.read_body()
+                if chunk is None:
+                    break
                 report.response_bytes += len(chunk)
-                await ds.send_body(chunk)
+                await ds.send_body(chunk, hold=True)
         except UpstreamReset as exc:
             report.flag(exc.flag)
             report.error = f"upstream reset in the middle of the response: {exc}"
             ds.abort()
-            return
+            return False
         trailers = client.trailers
         if trailers:
             grpc = first(trailers, b"grpc-status")
             if grpc is not None:
                 report.grpc_status = grpc.decode("latin-1")
         await ds.end_response(trailers)
+        return True

@@ -279,12 +279,17 @@ class H2Driver:
         self.send_headers(stream, headers, end_stream=end_stream)
         return stream
 
-    def send_headers(self, stream: H2Stream, headers: Headers, *, end_stream: bool = False) -> None:
+    def send_headers(self, stream: H2Stream, headers: Headers, *, end_stream: bool = False, flush: bool = True) -> None:
         self._usable(stream)
         try:
             self.h2.send_headers(stream.id, headers, end_stream=end_stream)
         except h2.exceptions.ProtocolError as exc:
             raise StreamGone(f"cannot send headers: {exc}") from exc
+        if flush:
+            self._flush()
+
+    def flush(self) -> None:
+        """Write whatever h2 has queued (frames sent with `flush=False`)."""
         self._flush()
 
     async def send_data(self, stream: H2Stream, data: bytes, *, end_stream: bool = False) -> None:

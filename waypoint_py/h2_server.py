@@ -97,14 +97,22 @@ class Http2Exchange:
         except StreamGone as exc:
             raise DownstreamGone(f"client stream ended: {exc}") from exc
 
-    async def start_response(self, head: ResponseHead) -> None:
+    async def start_response(self, head: ResponseHead, hold: bool = False) -> None:
         headers = [(b":status", str(head.status).encode()), *end_to_end(head.headers)]
-        self._call(self.driver.send_headers, self.stream, headers)
+        # Held: the HEADERS frame goes out with the first DATA (or at `flush`).
+        self._call(self.driver.send_headers, self.stream, headers, flush=not hold)
         self.response_started = True
 
-    async def send_body(self, data: bytes) -> None:
+    async def send_body(self, data: bytes, hold: bool = False) -> None:
         try:
             await self.driver.send_data(self.stream, data)
+        except StreamGone as exc:
+            raise DownstreamGone(f"client stream ended: {exc}") from exc
+
+    async def flush(self) -> None:
+        self.driver.flush()
+        try:
+            await self.driver.drain()
         except StreamGone as exc:
             raise DownstreamGone(f"client stream ended: {exc}") from exc
 

@@ -1,6 +1,6 @@
 """One HTTP request as the proxy sees it, whichever protocol carried it, and the two sides it talks to.
 
-Header names are lower-case bytes on both HTTP/1.1 (h11 lower-cases them) and HTTP/2 (lower-case on the
+Header names are lower-case bytes on both HTTP/1.1 (the parser lower-cases them) and HTTP/2 (lower-case on the
 wire), and values stay bytes: the proxy forwards what it got without re-encoding it.
 """
 
@@ -99,9 +99,14 @@ class Downstream(Protocol):
     @property
     def request_trailers(self) -> Headers | None: ...
 
-    async def start_response(self, head: ResponseHead) -> None: ...
+    async def start_response(self, head: ResponseHead, hold: bool = False) -> None:
+        """With `hold` the head may wait to go out with what follows (until `flush` at the latest)."""
 
-    async def send_body(self, data: bytes) -> None: ...
+    async def send_body(self, data: bytes, hold: bool = False) -> None:
+        """With `hold` a small chunk may wait to go out with what follows (until `flush` at the latest)."""
+
+    async def flush(self) -> None:
+        """Write whatever is held, with back-pressure from the client."""
 
     async def end_response(self, trailers: Headers | None = None) -> None: ...
 
@@ -113,9 +118,10 @@ class Downstream(Protocol):
 
 
 class Upstream(Protocol):
-    """One request to one endpoint over a fresh upstream stream."""
+    """One request to one endpoint, over an upstream connection to it (new or kept, `upstream_pool`)."""
 
-    async def send_head(self, head: RequestHead) -> None: ...
+    async def send_head(self, head: RequestHead, end: bool = False) -> None:
+        """The request head; with `end` (a request without a body) the end of the request as well."""
 
     async def send_body(self, data: bytes) -> None: ...
 
@@ -126,5 +132,12 @@ class Upstream(Protocol):
 
     async def read_body(self) -> bytes | None: ...
 
+    def body_ready(self) -> bool:
+        """`read_body` would answer without waiting for the upstream."""
+
     @property
     def trailers(self) -> Headers | None: ...
+
+    @property
+    def nothing_received(self) -> bool:
+        """No answer came back at all in this exchange."""

@@ -1,5 +1,5 @@
 """The waypoint's parts, wired together: who it is, the current view of the mesh state, the inbound HBONE
-handler, the per-request forwarder, the upstream dialer and the telemetry."""
+handler, the per-request forwarder, the upstream dialer and its per-endpoint pool, and the telemetry."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from waypoint_py.forward import Forwarder
 from waypoint_py.inbound import Inbound
 from waypoint_py.telemetry import RequestTelemetry
 from waypoint_py.upstream_dial import UpstreamDialer
+from waypoint_py.upstream_pool import UpstreamPool
 from waypoint_py.view import WaypointView, build_view
 
 
@@ -29,6 +30,7 @@ class Waypoint:
         self.baggage_metrics = ctx.baggage_metrics
         self.telemetry = RequestTelemetry(ctx.registry, ctx.access_log)
         self.dialer = UpstreamDialer(ctx.connector, identity, self.network, self.baggage_enabled, ctx.baggage_metrics)
+        self.upstreams = UpstreamPool(self.dialer)
         self.forwarder = Forwarder(self)
         self.inbound = Inbound(self)
         self._view: WaypointView | None = None
@@ -49,5 +51,10 @@ class Waypoint:
                 "baggage": view.baggage,
                 "baggageEnabled": self.baggage_enabled,
                 "openSessions": len(self.inbound.sessions),
+                "upstream": {
+                    "opened": self.upstreams.opened,
+                    "idleHttp1": self.upstreams.idle_count(),
+                    "http2": self.upstreams.h2_count(),
+                },
             }
         }

@@ -1,6 +1,7 @@
-"""Opening the upstream stream for one request: HBONE to a local endpoint's ztunnel (pooled connection, a
-new CONNECT per request), double HBONE through a remote network's gateway, or plain TCP to a workload that
-is not in the mesh; and learning the destination peer's labels on the way (SPEC §4.3, §5, §6)."""
+"""Opening an upstream stream to one endpoint: HBONE to a local endpoint's ztunnel (a CONNECT on a pooled
+HBONE connection), double HBONE through a remote network's gateway, or plain TCP to a workload that is not in
+the mesh; and learning the destination peer's labels on the way (SPEC §4.3, §5, §6). `upstream_pool` keeps
+these streams for further requests to the same endpoint."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from mesh.metrics import BaggageMetrics, PeerLabels
 from mesh.routing import Hop, HopKind
 from mesh.upstream import Connector
 from waypoint_py.errors import UpstreamConnectFailed
-from waypoint_py.streams import open_streams
+from waypoint_py.streams import open_streams, open_tcp_streams
 
 log = logging.getLogger("waypoint.upstream")
 
@@ -58,7 +59,7 @@ class UpstreamDialer:
         self.baggage_metrics = baggage_metrics
 
     async def open(self, hop: Hop, own_baggage: str, forwarded_for: str) -> UpstreamStream:
-        """The stream for one request, or UpstreamConnectFailed saying what went wrong where."""
+        """A new stream to the hop's endpoint, or UpstreamConnectFailed saying what went wrong where."""
         try:
             async with asyncio.timeout(CONNECT_DEADLINE):
                 return await self._open(hop, own_baggage, forwarded_for)
@@ -71,7 +72,7 @@ class UpstreamDialer:
 
     async def _open(self, hop: Hop, own_baggage: str, forwarded_for: str) -> UpstreamStream:
         if hop.kind is HopKind.TCP:
-            reader, writer = await asyncio.open_connection(*hop.address)
+            reader, writer = await open_tcp_streams(*hop.address)
             labels = PeerLabels.of_workload(hop.workload) if hop.workload is not None else PeerLabels()
             return UpstreamStream(reader, writer, hop, labels, _address(hop.address))
         headers = self._headers(hop, own_baggage, forwarded_for)

@@ -1,10 +1,10 @@
-"""HTTP/2 (prior knowledge) to an endpoint over one upstream stream: what an HTTP/2 client (gRPC) sent us
-goes on as HTTP/2, trailers included."""
+"""HTTP/2 (prior knowledge) to an endpoint: what an HTTP/2 client (gRPC) sent us goes on as HTTP/2, trailers
+included. Each request is one stream on an HTTP/2 connection to its endpoint that `upstream_pool` shares
+between requests (up to a bound of concurrent streams)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+from h2.errors import ErrorCodes
 
 from waypoint_py.errors import UpstreamProtocolError, UpstreamReset
 from waypoint_py.h2_driver import H2Driver, H2Stream, StreamGone
@@ -12,16 +12,20 @@ from waypoint_py.http_types import Headers, RequestHead, ResponseHead, end_to_en
 
 
 class Http2Upstream:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.driver = H2Driver(reader, writer, client=True)
-        self._reader_task = asyncio.get_running_loop().create_task(self.driver.run())
+    def __init__(self, driver: H2Driver) -> None:
+        self.driver = driver
         self.stream: H2Stream | None = None
 
     @property
     def trailers(self) -> Headers | None:
         return self.stream.trailers if self.stream is not None else None
 
-    async def send_head(self, head: RequestHead) -> None:
+    @property
+    def nothing_received(self) -> bool:
+        """No response head came back on this stream (the connection closed, or the stream was refused)."""
+        return self.stream is None or not self.stream.response.done() or self.stream.response.exception() is not None
+
+    async def send_head(self, head: RequestHead, end: bool = False) -> None:
         headers: Headers = [
             (b":method", head.method.encode("ascii")),
             (b":scheme", head.scheme.encode("ascii")),
@@ -66,6 +70,11 @@ class Http2Upstream:
             raise UpstreamProtocolError("upstream HTTP/2 response has no valid :status")
         return ResponseHead(int(status), end_to_end(headers))
 
+    def body_ready(self) -> bool:
+        stream = self.stream
+        return (stream is None or bool(stream._inbox) or stream.remote_ended or stream.reset_code is not None
+                or self.driver.closed)  # fmt: skip
+
     async def read_body(self) -> bytes | None:
         assert self.stream is not None
         try:
@@ -73,8 +82,15 @@ class Http2Upstream:
         except StreamGone as exc:
             raise UpstreamReset(f"upstream HTTP/2 stream ended in the middle of the response: {exc}") from exc
 
-    async def close(self) -> None:
-        self.driver.close("request done")
-        self._reader_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self._reader_task
+    def finish(self) -> None:
+        """The exchange is over for us: a stream still open either way is reset (CANCEL); the connection
+        carries on with its other streams."""
+        stream = self.stream
+        if stream is None:
+            return
+        driver = self.driver
+        if not driver.closed and stream.reset_code is None:
+            state = driver.h2.streams.get(stream.id)
+            if state is not None and not state.closed:
+                driver.reset(stream, ErrorCodes.CANCEL)
+        driver.forget(stream)

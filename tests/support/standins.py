@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import h2.config
@@ -92,6 +93,13 @@ class HttpApp:
     requests: int = 0
     seen_headers: list[dict[str, str]] = field(default_factory=list)
     server: asyncio.Server | None = None
+    connections: int = 0  # TCP connections accepted
+    close_after: int = 0  # > 0: answer `connection: close` to every close_after-th request of a connection
+    # > 0: a connection that has served this many requests closes, unanswered, when the next one arrives (a
+    # keep-alive timeout that crossed the request on the wire)
+    hang_up_after: int = 0
+    hung_up: int = 0
+    live: Live = field(default_factory=lambda: Live())
 
     async def start(self, host: str, port: int) -> HttpApp:
         self.server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
@@ -100,14 +108,35 @@ class HttpApp:
     async def close(self) -> None:
         if self.server is not None:
             self.server.close()
+        await self.live.close()
+
+    def drop_idle(self) -> int:
+        """Close every connection that waits for its next request (a keep-alive timeout); how many."""
+        return self.live.drop_idle()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        with self.live.track(writer) as entry:
+            await self._exchanges(reader, writer, entry)
+
+    async def _exchanges(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, entry: LiveEntry) -> None:
         conn = h11.Connection(h11.SERVER)
+        served = 0
         try:
             while True:
+                entry.idle = True
                 event = await _next(conn, reader)
+                entry.idle = False
                 if not isinstance(event, h11.Request):
                     return
+                if self.hang_up_after and served >= self.hang_up_after:
+                    self.hung_up += 1
+                    # Read the request whole first: closing with unread bytes would send a TCP RST instead
+                    # of the FIN of a keep-alive timeout.
+                    while isinstance(await _next(conn, reader), h11.Data):
+                        pass
+                    return
+                served += 1
                 self.requests += 1
                 self.seen_headers.append({k.decode(): v.decode("latin-1") for k, v in event.headers})
                 path = event.target.decode()
@@ -126,6 +155,8 @@ class HttpApp:
                     status, text = 503, "try again"
                 payload = text.encode()
                 headers = [("x-endpoint", self.name), ("content-length", str(len(payload)))]
+                if self.close_after and served % self.close_after == 0:
+                    headers.append(("connection", "close"))
                 writer.write(conn.send(h11.Response(status_code=status, headers=headers)))
                 writer.write(conn.send(h11.Data(data=payload)))
                 writer.write(conn.send(h11.EndOfMessage()))
@@ -137,6 +168,47 @@ class HttpApp:
             return
         finally:
             writer.close()
+
+
+@dataclass(eq=False)
+class LiveEntry:
+    writer: asyncio.StreamWriter
+    idle: bool = False
+
+
+class Live:
+    """The open connections of a stand-in app, so that closing the app closes them too (the waypoint keeps
+    upstream connections alive) and their handlers end on their own rather than being cancelled."""
+
+    def __init__(self) -> None:
+        self.entries: set[LiveEntry] = set()
+        self.tasks: set[asyncio.Task[object]] = set()
+
+    @contextlib.contextmanager
+    def track(self, writer: asyncio.StreamWriter) -> Iterator[LiveEntry]:
+        entry = LiveEntry(writer)
+        task = asyncio.current_task()
+        self.entries.add(entry)
+        if task is not None:
+            self.tasks.add(task)
+        try:
+            yield entry
+        finally:
+            self.entries.discard(entry)
+            if task is not None:
+                self.tasks.discard(task)
+
+    def drop_idle(self) -> int:
+        idle = [e for e in self.entries if e.idle]
+        for e in idle:
+            e.writer.close()
+        return len(idle)
+
+    async def close(self) -> None:
+        for e in list(self.entries):
+            e.writer.close()
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=2)
 
 
 async def _next(conn: h11.Connection, reader: asyncio.StreamReader) -> object:
@@ -155,6 +227,8 @@ class GrpcApp:
         self.grpc_status = grpc_status
         self.server: asyncio.Server | None = None
         self.seen_headers: list[dict[str, str]] = []
+        self.connections = 0  # HTTP/2 connections accepted
+        self.live = Live()
 
     async def start(self, host: str, port: int) -> GrpcApp:
         self.server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
@@ -163,8 +237,14 @@ class GrpcApp:
     async def close(self) -> None:
         if self.server is not None:
             self.server.close()
+        await self.live.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        with self.live.track(writer):
+            await self._streams(reader, writer)
+
+    async def _streams(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
         conn.initiate_connection()
         writer.write(conn.data_to_send())

@@ -1,0 +1,298 @@
+"""Upstream connection reuse in the waypoint (Envoy-style per-endpoint pools): each request still picks its
+own endpoint, then takes a kept-alive connection to it; a connection the upstream closed while idle costs
+the client nothing; one the upstream asked to close (`connection: close`) is never used again."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import urllib.request
+from collections import Counter
+
+from mesh.accesslog import format_text
+from mesh.metrics import PeerLabels
+from mesh.model import Service
+from tests.support.http_clients import Http1Client, grpc_calls, open_tunnel
+from tests.support.pki import TestPki
+from tests.support.waypoint_mesh import CLIENT_ID, WAYPOINT_ID, Endpoints, Topology, fqdn
+from tests.support.waypoint_proc import WaypointProcess, total
+from waypoint_py.telemetry import MESSAGE, RequestReport, RequestTelemetry
+
+REQUESTS = "istio_requests_total"
+ECHOES = ("echo-1", "echo-2", "echo-3")
+
+
+async def client_for(pki: TestPki, wp: WaypointProcess, authority: str) -> Http1Client:
+    _, tunnel = await open_tunnel(pki, CLIENT_ID, wp.inbound, WAYPOINT_ID, authority)
+    return Http1Client(tunnel)
+
+
+async def idle_upstreams(wp: WaypointProcess) -> int:
+    url = f"http://{wp.admin[0]}:{wp.admin[1]}/config_dump"
+    dump = await asyncio.to_thread(lambda: json.load(urllib.request.urlopen(url, timeout=10)))
+    return int(dump["waypoint"]["upstream"]["idleHttp1"])
+
+
+def echo_connects(endpoints: Endpoints) -> int:
+    return sum(len(endpoints.ztunnels[name].connects) for name in ECHOES)
+
+
+async def test_balanced_per_request_over_few_upstream_connections(
+    pki: TestPki, topo: Topology, waypoint: WaypointProcess, endpoints: Endpoints
+) -> None:
+    seen: Counter[str] = Counter()
+    for _ in range(2):  # two client connections, one after the other: the second finds the kept ones
+        client = await client_for(pki, waypoint, topo.authority("echo"))
+        for _ in range(90):
+            resp = await client.request("GET", "/", "echo")
+            assert resp.status == 200
+            seen[resp.headers["x-endpoint"]] += 1
+        client.close()
+    assert set(seen) == set(ECHOES)
+    for name, n in seen.items():
+        assert 0.2 * 180 <= n <= 0.47 * 180, (name, seen)
+    # Requests are sequential: one kept connection per endpoint serves them all (a little slack).
+    connects = echo_connects(endpoints)
+    assert 3 <= connects <= 4, connects
+    assert sum(endpoints.apps[name].connections for name in ECHOES) == connects
+    assert sum(endpoints.apps[name].requests for name in ECHOES) == 180
+
+
+async def test_concurrent_requests_to_one_endpoint_get_their_own_connections(
+    pki: TestPki, topo: Topology, waypoint: WaypointProcess, endpoints: Endpoints
+) -> None:
+    clients = [await client_for(pki, waypoint, topo.authority("echo")) for _ in range(4)]
+
+    async def run(client: Http1Client) -> list[str]:
+        return [(await client.request("GET", "/v2/c", "echo")).headers["x-endpoint"] for _ in range(20)]
+
+    results = await asyncio.gather(*(run(c) for c in clients))
+    assert all(name == "echo-v2" for seen in results for name in seen)
+    # Never more connections than requests in flight at once; far fewer than the 80 requests.
+    assert 1 <= len(endpoints.ztunnels["echo-v2"].connects) <= 4
+    for c in clients:
+        c.close()
+
+
+async def test_upstream_closing_idle_connections_is_invisible(
+    pki: TestPki, topo: Topology, waypoint: WaypointProcess, endpoints: Endpoints
+) -> None:
+    client = await client_for(pki, waypoint, topo.authority("echo"))
+    for _ in range(12):
+        assert (await client.request("GET", "/", "echo")).status == 200
+    assert await idle_upstreams(waypoint) >= 3
+    # The apps time out their idle keep-alive connections: the waypoint drops them as soon as it sees them end.
+    assert sum(endpoints.apps[name].drop_idle() for name in ECHOES) >= 3
+    for _ in range(100):
+        if await idle_upstreams(waypoint) == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert await idle_upstreams(waypoint) == 0
+    for _ in range(12):
+        assert (await client.request("GET", "/", "echo")).status == 200
+    # The close that crosses the next request on the wire: the request meets a closed connection, is sent
+    # again on a new one (once), and the client sees only the answer.
+    for name in ECHOES:
+        endpoints.apps[name].hang_up_after = 2
+    body = b"p" * 5000
+    for i in range(30):
+        if i % 3:
+            resp = await client.request("GET", "/", "echo")
+            assert resp.status == 200, resp
+        else:
+            resp = await client.request("PUT", "/upload", "echo", body=body)
+            assert (resp.status, resp.body.decode()) == (200, f"5000 {hashlib.sha256(body).hexdigest()}"), resp
+    client.close()
+    assert sum(endpoints.apps[name].hung_up for name in ECHOES) >= 5
+    samples = waypoint.scrape()
+    svc = fqdn("echo")
+    assert total(samples, REQUESTS, destination_service=svc, response_code="503") == 0
+    assert total(samples, REQUESTS, destination_service=svc, response_flags="UR") == 0
+
+
+async def test_connection_close_answer_is_not_reused(
+    pki: TestPki, topo: Topology, waypoint: WaypointProcess, endpoints: Endpoints
+) -> None:
+    app = endpoints.apps["echo-v2"]
+    app.close_after = 1  # every answer says `connection: close`
+    client = await client_for(pki, waypoint, topo.authority("echo"))
+    for _ in range(5):
+        assert (await client.request("GET", "/v2/close", "echo")).headers["x-endpoint"] == "echo-v2"
+    assert app.connections == 5
+    assert len(endpoints.ztunnels["echo-v2"].connects) == 5
+    # Every second answer: a connection serves two requests, then a new one opens.
+    app.close_after = 2
+    for _ in range(6):
+        assert (await client.request("GET", "/v2/close", "echo")).status == 200
+    client.close()
+    assert app.connections == 5 + 3
+    assert app.requests == 11
+
+
+async def test_grpc_calls_of_two_clients_share_one_upstream_http2_connection(
+    pki: TestPki, topo: Topology, waypoint: WaypointProcess, endpoints: Endpoints
+) -> None:
+    for round_ in range(2):
+        _, tunnel = await open_tunnel(pki, CLIENT_ID, waypoint.inbound, WAYPOINT_ID, topo.authority("grpc"))
+        messages = [f"call {round_}.{i}".encode() for i in range(10)]
+        results = await grpc_calls(tunnel, "grpc:50051", "/echo.Echo/Say", messages)
+        assert [r.trailers["grpc-status"] for r in results] == ["0"] * 10
+        assert [r.data[5:] for r in results] == messages
+    assert len(endpoints.ztunnels["grpc"].connects) == 1
+    assert endpoints.grpc.connections == 1
+
+
+def test_access_line_is_format_text() -> None:
+    """The access line the waypoint assembles from cached pieces is `format_text`'s, field for field."""
+    import logging
+
+    from mesh.accesslog import AccessLog
+
+    lines: list[str] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    logger = logging.getLogger("test.waypoint.access")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    logger.addHandler(Capture())
+    from prometheus_client import CollectorRegistry
+
+    telemetry = RequestTelemetry(CollectorRegistry(), AccessLog("text", logger))
+    svc = Service(name="echo", namespace="default", hostname="echo.default.svc.cluster.local")
+    src = PeerLabels(workload="sleep", namespace="default", principal="spiffe://cluster.local/ns/default/sa/sleep")
+    dst = PeerLabels(workload="echo", namespace="default")
+    reports = [
+        RequestReport(src, svc, "10.0.0.1:5555", "GET", "/a b", "echo:80", "HTTP/1.1", False, 0.0, dst,
+                      route="default/echo", upstream="10.0.0.11:15008", attempts=1, response_code=200,
+                      request_bytes=0, response_bytes=1024),
+        RequestReport(PeerLabels(), None, "", "POST", '/q="x"', "", "HTTP/2", True, 0.0, grpc_status="14",
+                      attempts=3, response_code=503, flags=["UF", "URX"], error="upstream connect error: nope"),
+        RequestReport(src, svc, "10.0.0.1:5556", "GET", "/é\t", "échø", "HTTP/1.1", True, 0.0, dst,
+                      grpc_status="", response_code=0, flags=["DC"]),
+    ]  # fmt: skip
+    stamp = re.compile(r"^\S+ ")
+    for r in reports:
+        for _ in range(2):  # built, then from the caches
+            telemetry.record(r, 0.0123)
+            fields = telemetry._fields(r, r.response_flags, 12.3)
+            assert stamp.sub("", lines[-1]) == stamp.sub("", format_text(MESSAGE, fields))
+    assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z info access request complete ", lines[-1])
+
+
+# -- the pool on its own ---------------------------------------------------------------------------------------
+
+POOL_CONFIG = """\
+workloads:
+- {uid: a, name: a, namespace: default, serviceAccount: s, workloadIps: ["10.0.0.11"], network: n1, protocol: HBONE,
+   services: {"default/s.default.svc.cluster.local": {80: 8080}}}
+- {uid: b, name: b, namespace: default, serviceAccount: s, workloadIps: ["10.0.0.12"], network: n1, protocol: HBONE,
+   services: {"default/s.default.svc.cluster.local": {80: 8080}}}
+services:
+- {name: s, namespace: default, hostname: s.default.svc.cluster.local, vips: ["n1/10.1.0.1"], ports: {80: 8080}}
+"""
+
+
+class StubTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.protocol: asyncio.BaseProtocol | None = None
+        self.closed = False
+        self.written = bytearray()
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        assert self.protocol is not None
+        return self.protocol
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.protocol = protocol
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += data
+
+
+class StubDialer:
+    """Opens an in-memory stream per call; the test plays the upstream by feeding its reader."""
+
+    def __init__(self) -> None:
+        self.streams: list[tuple[StubTransport, object]] = []
+
+    async def open(self, hop: object, baggage: str, forwarded_for: str) -> object:
+        from waypoint_py.streams import open_streams
+        from waypoint_py.upstream_dial import UpstreamStream
+
+        transport = StubTransport()
+        reader, writer = open_streams(transport)
+        up = UpstreamStream(reader, writer, hop, PeerLabels(workload=f"w{len(self.streams)}"), "addr")  # type: ignore[arg-type]
+        self.streams.append((transport, reader))
+        return up
+
+
+async def _one_exchange(pool: object, dialer: StubDialer, hop: object, state: object,
+                        answer: bytes = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n") -> object:  # fmt: skip
+    from waypoint_py.http_types import RequestHead
+
+    lease = await pool.lease(hop, "HTTP/1.1", "bag", "client", state)  # type: ignore[attr-defined]
+    await lease.client.send_head(RequestHead("GET", "/", "s", [], False), end=True)
+    reader = next(r for t, r in dialer.streams if t.protocol is lease.up.writer.transport.get_protocol())
+    reader.feed_data(answer)  # type: ignore[attr-defined]
+    await lease.client.response_head()
+    while await lease.client.read_body() is not None:
+        pass
+    lease.release(True)
+    return lease
+
+
+async def test_pool_keeps_per_endpoint_and_drops_what_leaves_the_state() -> None:
+    from mesh.config import parse_config
+    from mesh.routing import Router
+    from mesh.state import MeshState
+    from waypoint_py.upstream_pool import MAX_IDLE_PER_ENDPOINT, UpstreamPool
+
+    state = MeshState(parse_config(POOL_CONFIG, "pool.yaml"))
+    service = state.service_by_hostname("s.default.svc.cluster.local")
+    router = Router(state, "n1")
+    hop_a = router.to_endpoint(state.workload_by_uid("a"), 8080, service, 80)  # type: ignore[arg-type]
+    hop_b = router.to_endpoint(state.workload_by_uid("b"), 8080, service, 80)  # type: ignore[arg-type]
+    dialer = StubDialer()
+    pool = UpstreamPool(dialer)  # type: ignore[arg-type]
+    first = await _one_exchange(pool, dialer, hop_a, state)
+    again = await _one_exchange(pool, dialer, hop_a, state)
+    assert again is first and len(dialer.streams) == 1  # kept and reused; its labels are the first's
+    assert again.destination == PeerLabels(workload="w0")  # type: ignore[attr-defined]
+    await _one_exchange(pool, dialer, hop_b, state)
+    assert len(dialer.streams) == 2 and pool.idle_count() == 2
+    # `connection: close` from the upstream: closed, not kept.
+    close = b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
+    await _one_exchange(pool, dialer, hop_b, state, close)
+    assert pool.idle_count() == 1 and dialer.streams[1][0].closed
+    # The upstream ends an idle stream: it leaves the pool at once.
+    dialer.streams[0][0].get_protocol().eof_received()  # type: ignore[attr-defined]
+    assert pool.idle_count() == 0
+    # Bounded per endpoint.
+    leases = [await pool.lease(hop_a, "HTTP/1.1", "bag", "client", state) for _ in range(MAX_IDLE_PER_ENDPOINT + 3)]
+    for lease in leases:
+        lease.client._request_done = True  # type: ignore[attr-defined]
+        lease.client._keep_alive = True  # type: ignore[attr-defined]
+        from waypoint_py.h1_codec import LENGTH, BodyReader
+
+        lease.client._body = BodyReader(lease.client.input, LENGTH, 0)  # type: ignore[attr-defined]
+        lease.release(True)
+    assert pool.idle_count() == MAX_IDLE_PER_ENDPOINT
+    # A new state without endpoint `a`: its connections go when the next request comes.
+    without_a = POOL_CONFIG.replace("- {uid: a,", "- {uid: gone,").replace("10.0.0.11", "10.0.0.99")
+    smaller = MeshState(parse_config(without_a, "pool.yaml"))
+    lease = await pool.lease(hop_b, "HTTP/1.1", "bag", "client", smaller)
+    assert pool.idle_count() == 0
+    lease.release(False)
+    pool.close()
