@@ -1,5 +1,6 @@
 """The waypoint's HTTP inside tunnels: HTTP/2 prior knowledge with gRPC trailers, a 100 MiB streamed upload
-with bounded memory, pipelining, 100-continue, and a graceful drain on SIGTERM."""
+with bounded memory, pipelining, 100-continue, and a graceful drain on SIGTERM; and, without processes, what
+its HTTP/1.1 side refuses and when it sends 100 Continue."""
 
 from __future__ import annotations
 
@@ -8,11 +9,14 @@ import hashlib
 from pathlib import Path
 
 import h11
+import pytest
 
 from tests.support.http_clients import Http1Client, grpc_calls, open_tunnel
 from tests.support.pki import TestPki
+from tests.support.standins import FakeWriter, reader_with
 from tests.support.waypoint_mesh import CLIENT_ID, WAYPOINT_ID, Endpoints, Topology, fqdn
 from tests.support.waypoint_proc import WaypointProcess, series, total
+from waypoint_py.h1_server import Http1Exchange, Http1Session
 
 MiB = 1 << 20
 
@@ -116,3 +120,53 @@ async def test_sigterm_lets_the_request_in_flight_finish(pki: TestPki, topo: Top
         assert await exit_status == 0
     finally:
         proc.stop()
+
+
+# -- the HTTP/1.1 side on its own ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"GET / HTTP/1.1\r\n\r\n", 400),  # no Host
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+        # h11 would read this one by its Transfer-Encoding; we refuse it (no room for request smuggling).
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3, 4\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nBad Header\r\n\r\n", 400),
+        (b"\x16\x03\x01\x00", 400),  # a TLS ClientHello
+        # Too big, whether the head arrives whole in one read or is still incomplete at 64 KiB.
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"y" * 70000 + b"\r\n\r\n", 431),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"y" * 70000, 431),
+    ],
+)
+async def test_malformed_http1_requests_are_refused(raw: bytes, status: int) -> None:
+    writer = FakeWriter()
+    seen: list[Http1Exchange] = []
+    bad: list[int] = []
+
+    async def handle(ex: Http1Exchange) -> None:
+        seen.append(ex)
+
+    session = Http1Session(reader_with(raw), writer, b"", handle, lambda s, _: bad.append(s))  # type: ignore[arg-type]
+    await asyncio.wait_for(session.run(), 5)
+    assert not seen and bad == [status]
+    assert bytes(writer.data).startswith(b"HTTP/1.1 %d " % status) and writer.closed
+
+
+async def test_100_continue_is_sent_when_the_body_is_asked_for() -> None:
+    writer = FakeWriter()
+    reader = reader_with(b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n", eof=False)
+    got: list[bytes | None] = []
+
+    async def handle(ex: Http1Exchange) -> None:
+        assert writer.data == b""  # nothing yet: the upstream is not connected
+        reader.feed_data(b"ok")
+        got.append(await ex.read_body())
+        await ex.send_error(503, "no")
+        reader.feed_eof()
+
+    await Http1Session(reader, writer, b"", handle, lambda s, w: None).run()  # type: ignore[arg-type]
+    assert got == [b"ok"]
+    assert bytes(writer.data).startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 503 ")

@@ -11,14 +11,20 @@ import re
 import urllib.request
 from collections import Counter
 
+import pytest
+
 from mesh.accesslog import format_text
 from mesh.metrics import PeerLabels
 from mesh.model import Service
 from tests.support.http_clients import Http1Client, grpc_calls, open_tunnel
 from tests.support.pki import TestPki
+from tests.support.standins import FakeWriter, reader_with
 from tests.support.waypoint_mesh import CLIENT_ID, WAYPOINT_ID, Endpoints, Topology, fqdn
 from tests.support.waypoint_proc import WaypointProcess, total
+from waypoint_py.errors import UpstreamProtocolError, UpstreamReset
+from waypoint_py.http_types import RequestHead, ResponseHead
 from waypoint_py.telemetry import MESSAGE, RequestReport, RequestTelemetry
+from waypoint_py.upstream_h1 import Http1Upstream
 
 REQUESTS = "istio_requests_total"
 ECHOES = ("echo-1", "echo-2", "echo-3")
@@ -80,8 +86,11 @@ async def test_upstream_closing_idle_connections_is_invisible(
     pki: TestPki, topo: Topology, waypoint: WaypointProcess, endpoints: Endpoints
 ) -> None:
     client = await client_for(pki, waypoint, topo.authority("echo"))
-    for _ in range(12):
-        assert (await client.request("GET", "/", "echo")).status == 200
+    seen: set[str] = set()
+    while len(seen) < len(ECHOES):  # endpoints are drawn at random: until each has served one (and kept it)
+        resp = await client.request("GET", "/", "echo")
+        assert resp.status == 200
+        seen.add(resp.headers["x-endpoint"])
     assert await idle_upstreams(waypoint) >= 3
     # The apps time out their idle keep-alive connections: the waypoint drops them as soon as it sees them end.
     assert sum(endpoints.apps[name].drop_idle() for name in ECHOES) >= 3
@@ -240,17 +249,23 @@ class StubDialer:
 
 async def _one_exchange(pool: object, dialer: StubDialer, hop: object, state: object,
                         answer: bytes = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n") -> object:  # fmt: skip
-    from waypoint_py.http_types import RequestHead
-
     lease = await pool.lease(hop, "HTTP/1.1", "bag", "client", state)  # type: ignore[attr-defined]
-    await lease.client.send_head(RequestHead("GET", "/", "s", [], False), end=True)
-    reader = next(r for t, r in dialer.streams if t.protocol is lease.up.writer.transport.get_protocol())
-    reader.feed_data(answer)  # type: ignore[attr-defined]
-    await lease.client.response_head()
-    while await lease.client.read_body() is not None:
-        pass
+    await _exchange(lease, dialer, answer)
     lease.release(True)
     return lease
+
+
+async def _exchange(lease: object, dialer: StubDialer,
+                    answer: bytes = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n") -> None:  # fmt: skip
+    """One complete request and response on a leased connection, the test playing the upstream."""
+    from waypoint_py.http_types import RequestHead
+
+    await lease.client.send_head(RequestHead("GET", "/", "s", [], False), end=True)  # type: ignore[attr-defined]
+    reader = next(r for t, r in dialer.streams if t.protocol is lease.up.writer.transport.get_protocol())  # type: ignore[attr-defined]
+    reader.feed_data(answer)  # type: ignore[attr-defined]
+    await lease.client.response_head()  # type: ignore[attr-defined]
+    while await lease.client.read_body() is not None:  # type: ignore[attr-defined]
+        pass
 
 
 async def test_pool_keeps_per_endpoint_and_drops_what_leaves_the_state() -> None:
@@ -282,11 +297,8 @@ async def test_pool_keeps_per_endpoint_and_drops_what_leaves_the_state() -> None
     # Bounded per endpoint.
     leases = [await pool.lease(hop_a, "HTTP/1.1", "bag", "client", state) for _ in range(MAX_IDLE_PER_ENDPOINT + 3)]
     for lease in leases:
-        lease.client._request_done = True  # type: ignore[attr-defined]
-        lease.client._keep_alive = True  # type: ignore[attr-defined]
-        from waypoint_py.h1_codec import LENGTH, BodyReader
-
-        lease.client._body = BodyReader(lease.client.input, LENGTH, 0)  # type: ignore[attr-defined]
+        await _exchange(lease, dialer)
+    for lease in leases:
         lease.release(True)
     assert pool.idle_count() == MAX_IDLE_PER_ENDPOINT
     # A new state without endpoint `a`: its connections go when the next request comes.
@@ -296,3 +308,97 @@ async def test_pool_keeps_per_endpoint_and_drops_what_leaves_the_state() -> None
     assert pool.idle_count() == 0
     lease.release(False)
     pool.close()
+
+
+# -- one upstream HTTP/1.1 stream: when it can carry the next request --------------------------------------------
+
+
+def _request(method: str = "GET") -> RequestHead:
+    return RequestHead(method, "/p?q=1", "svc:80", [(b"x-a", b"1")], False)
+
+
+async def _upstream_exchange(
+    raw: bytes, method: str = "GET", eof: bool = True
+) -> tuple[Http1Upstream, ResponseHead, bytes]:
+    up = Http1Upstream(reader_with(raw, eof), FakeWriter())  # type: ignore[arg-type]
+    await up.send_head(_request(method), end=True)
+    head = await up.response_head()
+    body = b""
+    while (chunk := await up.read_body()) is not None:
+        body += chunk
+    return up, head, body
+
+
+@pytest.mark.parametrize(
+    ("raw", "method", "body", "trailers", "reusable"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc", "GET", b"abc", None, True),
+        (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nz", "GET", b"z", None, True),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nGrpc-Status: 0\r\n\r\n",
+            "GET",
+            b"abc",
+            [(b"grpc-status", b"0")],
+            True,
+        ),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", "HEAD", b"", None, True),
+        (b"HTTP/1.1 204 No Content\r\n\r\n", "GET", b"", None, True),
+        (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\nz", "GET", b"z", None, False),
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\nz", "GET", b"z", None, False),
+        (b"HTTP/1.1 200 OK\r\n\r\nuntil the end", "GET", b"until the end", None, False),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nzEXTRA", "GET", b"z", None, False),
+    ],
+)
+async def test_upstream_stream_is_kept_only_after_a_clean_exchange(
+    raw: bytes, method: str, body: bytes, trailers: object, reusable: bool
+) -> None:
+    up, head, got = await _upstream_exchange(raw, method, eof=not reusable)
+    assert head.status in (200, 204)
+    assert (got, up.trailers, up.reusable()) == (body, trailers, reusable)
+
+
+async def test_upstream_chunked_with_content_length_drops_it_and_the_stream() -> None:
+    raw = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nz\r\n0\r\n\r\n"
+    up, head, body = await _upstream_exchange(raw, eof=False)
+    assert body == b"z" and not [h for h in head.headers if h[0] == b"content-length"]
+    assert not up.reusable()
+
+
+async def test_upstream_keep_alive_carries_the_next_exchange() -> None:
+    reader = reader_with(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na", eof=False)
+    writer = FakeWriter()
+    up = Http1Upstream(reader, writer)  # type: ignore[arg-type]
+    for expected in (b"a", b"b"):
+        await up.send_head(_request(), end=True)
+        await up.response_head()
+        assert await up.read_body() == expected and await up.read_body() is None
+        assert up.reusable() and not up.nothing_received
+        up.next_cycle()
+        assert up.nothing_received
+        reader.feed_data(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb")
+    assert bytes(writer.data) == b"GET /p?q=1 HTTP/1.1\r\nhost: svc:80\r\nx-a: 1\r\n\r\n" * 2  # no `connection: close`
+
+
+@pytest.mark.parametrize(
+    ("raw", "error", "nothing"),
+    [
+        (b"", UpstreamReset, True),  # a kept stream the upstream had closed: the request may go again
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab", UpstreamReset, False),
+        (b"HTTX/1.1 200 OK\r\n\r\n", UpstreamProtocolError, False),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", UpstreamProtocolError, False),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", UpstreamProtocolError, False),
+        (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", UpstreamProtocolError, False),
+        (b"HTTP/1.1 200 OK\r\nX: " + b"y" * 70000, UpstreamProtocolError, False),
+        (b"HTTP/1.1 200 OK\r\nX: " + b"y" * 70000 + b"\r\n\r\n", UpstreamProtocolError, False),
+    ],
+)
+async def test_upstream_failures(raw: bytes, error: type[Exception], nothing: bool) -> None:
+    up = Http1Upstream(reader_with(raw), FakeWriter())  # type: ignore[arg-type]
+    await up.send_head(_request(), end=True)
+    with pytest.raises(error) as info:
+        await up.response_head()
+        while await up.read_body() is not None:
+            pass
+    assert type(info.value) is error
+    assert up.nothing_received is nothing
+    assert not up.reusable()

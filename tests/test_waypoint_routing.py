@@ -1,5 +1,5 @@
 """The waypoint's per-request decisions without processes: which route and backend a request gets, which
-headers are forwarded, and when a body can be replayed for a retry."""
+endpoint serves it, which headers are forwarded, and when a body can be replayed for a retry."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ import pytest
 
 from hbone.authority import parse_authority
 from mesh.config import parse_config
+from mesh.routing import Router
 from mesh.settings import WorkloadInfo
 from mesh.state import MeshState
 from waypoint_py.body import RetainedBody
 from waypoint_py.destination import UnknownDestination, resolve
+from waypoint_py.endpoints import EndpointChooser
 from waypoint_py.http_types import RequestHead, end_to_end
-from waypoint_py.routes import NoRoute, decide
+from waypoint_py.routes import NoRoute, RouteTarget, decide
 from waypoint_py.view import build_view
 
 CONFIG = """\
@@ -130,3 +132,34 @@ async def test_small_body_replays_and_big_body_does_not() -> None:
     assert big.replayable
     await cursor.next()
     assert not big.replayable
+
+
+ENDPOINTS_CONFIG = """\
+workloads:
+- {uid: w1, name: waypoint, namespace: default, serviceAccount: waypoint, workloadIps: ["10.0.0.2"], network: n1}
+- {uid: a, name: a, namespace: default, serviceAccount: s, workloadIps: ["10.0.0.11"], network: n1, protocol: HBONE,
+   services: {"default/s.default.svc.cluster.local": {80: 8080}}}
+- {uid: b, name: b, namespace: default, serviceAccount: s, workloadIps: ["10.0.0.12"], network: n1, protocol: HBONE,
+   capacity: 3, services: {"default/s.default.svc.cluster.local": {80: 8080}}}
+- {uid: c, name: c, namespace: default, serviceAccount: s, workloadIps: ["10.0.0.13"], network: n1, protocol: HBONE,
+   status: Unhealthy, services: {"default/s.default.svc.cluster.local": {80: 8080}}}
+services:
+- {name: s, namespace: default, hostname: s.default.svc.cluster.local, vips: ["n1/10.1.0.1"], ports: {80: 8080}}
+"""
+
+
+def test_endpoint_choice_matches_the_router() -> None:
+    state = MeshState(parse_config(ENDPOINTS_CONFIG, "test.yaml"))
+    view = build_view(state, WorkloadInfo("default", "waypoint", "waypoint"), "n1", "")
+    service = state.service_by_hostname("s.default.svc.cluster.local")
+    assert service is not None
+    target = RouteTarget(service, 80)
+    chooser = EndpointChooser("n1", view.workload.identity, random.Random(1))  # type: ignore[union-attr]
+    router = Router(state, "n1", random.Random(1))
+    ours = Counter(chooser.pick(view, target).address for _ in range(4000))
+    theirs = Counter(router.route_service(view.workload, service, 80).address for _ in range(4000))
+    assert ours == theirs  # the same draws from the same seed: the same choices
+    assert set(ours) == {("10.0.0.11", 15008), ("10.0.0.12", 15008)}
+    assert 0.2 < ours[("10.0.0.11", 15008)] / 4000 < 0.3  # capacity 1 against 3
+    hop = chooser.pick(view, target)
+    assert hop == router.to_endpoint(hop.workload, 8080, service, 80)  # type: ignore[arg-type]

@@ -1,13 +1,13 @@
 """HTTP/1.1 from the client inside one tunnel: keep-alive, pipelining, chunked bodies, 100-continue.
 
-Requests are handled one after another (pipelined ones wait in the input buffer until the previous response
-is complete), each by the forwarder, which streams the bodies both ways. The protocol rules are h11's, which
-this module replaced on the per-request path (`h1_codec` parses, responses are framed here): the same request
-grammar and bounds (64 KiB heads, one Host on HTTP/1.1, Content-Length and chunked only), HTTP/1.0 clients
-never kept alive, responses of unknown length chunked for HTTP/1.1 and delimited by close for HTTP/1.0,
-`Connection: close` whenever the connection will not carry another request. One difference: a request with
-both Content-Length and Transfer-Encoding is refused (400) rather than read by its Transfer-Encoding (RFC 9112
-§6.1 allows either; refusing leaves no room for request smuggling).
+h11 keeps the protocol rules, with one `h11.Connection` per client connection carried from request to request
+(`start_next_cycle`). Requests are handled one after another (pipelined ones wait in h11's buffer until the
+previous response is complete), each by the forwarder, which streams the bodies both ways.
+
+Stricter than h11 in two places: a request with both Content-Length and Transfer-Encoding is refused (400)
+rather than read by its Transfer-Encoding (RFC 9112 §6.1 allows either; refusing leaves no room for request
+smuggling), and every request head is bounded to 64 KiB, also one that arrives whole in one read (h11 bounds
+only the part of an event still incomplete).
 """
 
 from __future__ import annotations
@@ -15,15 +15,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 
-from waypoint_py import h1_codec
+import h11
+
 from waypoint_py.errors import DownstreamGone, DownstreamProtocolError
-from waypoint_py.h1_codec import CHUNKED, LENGTH, BodyReader, Input
-from waypoint_py.http_types import Headers, RequestHead, ResponseHead, end_to_end, first
-from waypoint_py.streams import JOIN_LIMIT, write_parts
+from waypoint_py.http_types import Headers, RequestHead, ResponseHead, end_to_end
+from waypoint_py.streams import JOIN_LIMIT, READ_SIZE, write_parts
 
 log = logging.getLogger("waypoint.http1")
 
@@ -37,8 +36,15 @@ IDLE_TIMEOUT = 3600.0
 RequestHandler = Callable[["Http1Exchange"], Awaitable[None]]
 BadRequestHook = Callable[[int, str], None]
 
-_REQUEST_LINE = re.compile(rb"(" + h1_codec.TOKEN + rb") ([\x21-\x7e]+) HTTP/([0-9]\.[0-9])")
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_REASONS = {int(s): s.phrase.encode() for s in HTTPStatus}
+# Events without content are immutable in h11: one of each serves every message.
+_END = h11.EndOfMessage()
+_CONTINUE = h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
+_SEND_RESPONSE, _SEND_BODY, _DONE, _NEED_DATA = h11.SEND_RESPONSE, h11.SEND_BODY, h11.DONE, h11.NEED_DATA
+
+
+def reason(status: int) -> bytes:
+    return _REASONS.get(status, b"")
 
 
 class BadRequest(Exception):
@@ -47,25 +53,6 @@ class BadRequest(Exception):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
-
-
-def _bad(message: str) -> Exception:
-    return BadRequest(message)
-
-
-def _lost(message: str) -> Exception:
-    return DownstreamGone(message)
-
-
-def _head_too_big() -> Exception:
-    return BadRequest("request head too large", 431)
-
-
-def reason(status: int) -> bytes:
-    try:
-        return HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b""
 
 
 class Http1Session:
@@ -81,7 +68,9 @@ class Http1Session:
         self.writer = writer
         self.handle = handle
         self.on_bad_request = on_bad_request
-        self.input = Input(reader, initial, _bad, _lost)
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        if initial:
+            self.conn.receive_data(initial)
         self.draining = False
         self.idle = True
         self.idle_since = 0.0
@@ -137,40 +126,25 @@ class Http1Session:
             self.writer.close()
 
     async def _next_request(self) -> Http1Exchange | None:
-        inp = self.input
-        if inp.buf[:1] and inp.buf[0] < 0x21:
-            raise BadRequest("illegal request line")  # not even the start of one (TLS, binary, blank line)
         try:
-            lines = await inp.head(MAX_HEAD_BYTES, _head_too_big)
-        except DownstreamGone as exc:
-            raise BadRequest(f"peer unexpectedly closed the connection ({exc})") from exc
-        if lines is None:
-            return None
-        match = _REQUEST_LINE.fullmatch(lines[0])
-        if match is None:
-            raise BadRequest(f"illegal request line: {lines[0][:80]!r}")
-        method, target, version = match.groups()
-        headers = h1_codec.parse_fields(lines[1:], _bad)
-        hosts = sum(1 for k, _ in headers if k == b"host")
-        if hosts == 0 and version == b"1.1":
-            raise BadRequest("Missing mandatory Host: header")
-        if hosts > 1:
-            raise BadRequest("Found multiple Host: headers")
-        encodings = [v for k, v in headers if k == b"transfer-encoding"]
-        lengths = [v for k, v in headers if k == b"content-length"]
-        if encodings:
-            if len(encodings) > 1:
-                raise BadRequest("multiple Transfer-Encoding headers", 501)
-            if encodings[0].lower() != b"chunked":
-                raise BadRequest("Only Transfer-Encoding: chunked is supported", 501)
-            if lengths:
-                raise BadRequest("both Content-Length and Transfer-Encoding")
-            body = BodyReader(inp, CHUNKED, trailer_limit=MAX_HEAD_BYTES)
-        elif lengths:
-            body = BodyReader(inp, LENGTH, h1_codec.content_length(lengths, _bad))
-        else:
-            body = BodyReader(inp, LENGTH, 0)
-        return Http1Exchange(self, method, target, version, headers, body)
+            event = await self.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise BadRequest(str(exc), exc.error_status_hint or 400) from exc
+        if type(event) is not h11.Request:
+            return None  # ConnectionClosed: the client is done
+        return Http1Exchange(self, event)  # type: ignore[arg-type]
+
+    async def next_event(self) -> h11.Event | type[h11.PAUSED]:
+        conn = self.conn
+        while True:
+            event = conn.next_event()
+            if event is not _NEED_DATA:
+                return event  # type: ignore[return-value]
+            try:
+                data = await self.reader.read(READ_SIZE)
+            except (ConnectionError, OSError) as exc:
+                raise DownstreamGone(f"client connection lost: {exc}") from exc
+            conn.receive_data(data)  # b"" tells h11 the client closed
 
     def write(self, data: bytes | list[bytes] | None) -> None:
         if not data or self.writer.is_closing():
@@ -187,29 +161,36 @@ class Http1Session:
             raise DownstreamGone(f"client connection lost: {exc}") from exc
 
     async def _ready_for_next(self, exchange: Http1Exchange) -> bool:
-        if exchange.aborted or not exchange.response_ended or exchange.must_close:
-            return False
-        body = exchange.body
-        if not body.done:
+        conn = self.conn
+        if exchange.aborted or conn.our_state is not _DONE:
+            return False  # h11 says MUST_CLOSE: HTTP/1.0, `connection: close`, a body delimited by the close
+        if conn.their_state is _SEND_BODY:
             if exchange.skipped_continue:
                 return False  # the client waits for a 100 that will not come; it may never send the body
             discarded = 0
-            try:
-                while discarded <= DISCARD_LIMIT:
-                    chunk = await body.read()
-                    if chunk is None:
-                        break
-                    discarded += len(chunk)
+            while discarded <= DISCARD_LIMIT:
+                try:
+                    event = await self.next_event()
+                except (h11.RemoteProtocolError, DownstreamGone):
+                    return False
+                if type(event) is h11.Data:
+                    discarded += len(event.data)  # type: ignore[union-attr]
+                elif type(event) is h11.EndOfMessage:
+                    break
                 else:
                     return False
-            except (BadRequest, DownstreamGone):
+            else:
                 return False
-        return not self.draining and exchange.keep_alive
+        if self.draining or conn.their_state is not _DONE:
+            return False
+        conn.start_next_cycle()
+        return True
 
     async def _bad_request(self, exc: BadRequest) -> None:
         status = exc.status
         text = f"malformed HTTP/1.1 request: {exc}\n".encode()
         log.info("answering %d to a malformed HTTP/1.1 request: %s", status, exc)
+        # h11 is in its ERROR state now (or read a request we refuse), so the answer is written by hand.
         self.write(
             b"HTTP/1.1 %d %s\r\ncontent-type: text/plain\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
             % (status, reason(status), len(text), text)
@@ -224,144 +205,108 @@ class Http1Exchange:
 
     protocol = "HTTP/1.1"
 
-    def __init__(self, session: Http1Session, method: bytes, target_bytes: bytes, version: bytes, headers: Headers,
-                 body: BodyReader) -> None:  # fmt: skip
+    def __init__(self, session: Http1Session, request: h11.Request) -> None:
         self.session = session
-        self.body = body
-        self.version = version
-        self.method = method
-        length = first(headers, b"content-length")
-        has_body = first(headers, b"transfer-encoding") is not None or (length is not None and length != b"0")
-        target = target_bytes.decode("latin-1")
-        authority = (first(headers, b"host") or b"").decode("latin-1")
-        if target.startswith(("http://", "https://")):
+        self.conn = session.conn
+        # One pass over h11's header list: the size of the head, framing and Host (h11 has checked that there
+        # is one Host on HTTP/1.1, at most one Transfer-Encoding, chunked, and Content-Lengths that agree).
+        headers: Headers = list(request.headers)
+        target = request.target
+        size = len(request.method) + len(target) + 12  # request line: two spaces, "HTTP/1.1", CRLF
+        length = encoding = host = None
+        for name, value in headers:
+            size += len(name) + len(value) + 4
+            if name == b"content-length":
+                length = value
+            elif name == b"transfer-encoding":
+                encoding = value
+            elif name == b"host":
+                host = value
+        if size > MAX_HEAD_BYTES:
+            raise BadRequest("request head too large", 431)
+        if encoding is not None and length is not None:
+            raise BadRequest("both Content-Length and Transfer-Encoding")
+        path = target.decode("latin-1")
+        authority = host.decode("latin-1") if host is not None else ""
+        if path.startswith(("http://", "https://")):
             # Absolute form (RFC 9112 §3.2.2): its authority wins over Host, and routes see only the path.
-            rest = target.split("://", 1)[1]
+            rest = path.split("://", 1)[1]
             authority, _, path = rest.partition("/")
-            target = "/" + path
+            path = "/" + path
         self.head = RequestHead(
-            method=method.decode("ascii"),
-            path=target,
+            method=request.method.decode("ascii"),
+            path=path,
             authority=authority,
             headers=end_to_end(headers),
-            has_body=has_body,
+            has_body=encoding is not None or (length is not None and length != b"0"),
         )
-        # HTTP/1.0 clients are not kept alive (as h11), nor those that say `connection: close`.
-        self.keep_alive = version >= b"1.1" and b"close" not in h1_codec.comma_tokens(headers, b"connection")
-        self.must_close = False  # the response is delimited by the end of the connection
-        # The client waits for 100 Continue before it sends the body, until it gets that or a response.
-        expect = h1_codec.comma_tokens(headers, b"expect")
-        self.waiting_for_continue = version >= b"1.1" and b"100-continue" in expect
         self.response_started = False
-        self.response_ended = False
         self.aborted = False
+        self.body_done = False
+        self._no_body = request.method == b"HEAD"  # a response to HEAD has none, whatever comes our way
         self.skipped_continue = False  # answered while the client still waited for 100 Continue
-        self._held: list[bytes] = []  # response bytes not written yet (see `hold`)
+        self._trailers: Headers | None = None
+        self._held: list[bytes] = []  # response bytes not written yet (see `start_response`)
         self._held_bytes = 0
-        self._chunked = False  # response framing
-        self._left: int | None = None  # response Content-Length bytes still to send; None: not by length
-        self._no_body = False
-
-    @property
-    def body_done(self) -> bool:
-        return self.body.done
 
     @property
     def request_trailers(self) -> Headers | None:
-        return self.body.trailers
+        return self._trailers
 
     async def read_body(self) -> bytes | None:
-        body = self.body
-        if body.done:
+        if self.body_done:
             return None
-        if self.waiting_for_continue and not self.response_started:
+        conn = self.conn
+        if conn.they_are_waiting_for_100_continue and conn.our_state is _SEND_RESPONSE:
             # We ask for the body only once the upstream is connected, which is what the client waits for.
-            self.waiting_for_continue = False
-            self.session.write(_CONTINUE)
+            self.session.write(conn.send(_CONTINUE))
         try:
-            chunk = await body.read()
-        except BadRequest as exc:
+            event = await self.session.next_event()
+        except h11.RemoteProtocolError as exc:
             self.aborted = True
             raise DownstreamProtocolError(f"malformed request body: {exc}") from exc
         except DownstreamGone as exc:
             self.aborted = True
             raise DownstreamGone(f"client closed the connection in the middle of the request body ({exc})") from exc
-        self.waiting_for_continue = False
-        return chunk
+        kind = type(event)
+        if kind is h11.Data:
+            return bytes(event.data)  # type: ignore[union-attr]
+        if kind is h11.EndOfMessage:
+            self.body_done = True
+            trailers = event.headers  # type: ignore[union-attr]
+            self._trailers = list(trailers) if trailers else None
+            return None
+        self.aborted = True
+        raise DownstreamGone("client closed the connection in the middle of the request body")
 
     # With `hold`, response bytes wait (up to JOIN_LIMIT) to go out with what follows, so that a small
     # response is one write: one DATA frame and one TLS record instead of one each for head, body and end.
     # The forwarder holds only what it can follow up at once, and calls `flush` before it waits.
     async def start_response(self, head: ResponseHead, hold: bool = False) -> None:
-        self.skipped_continue = self.waiting_for_continue
-        self.waiting_for_continue = False
-        status = head.status
+        conn = self.conn
+        self.skipped_continue = conn.they_are_waiting_for_100_continue
         headers = head.headers
-        lengths = [v for k, v in headers if k == b"content-length"]
-        extra: list[bytes] = []
-        close = not self.keep_alive or self.session.draining
-        if status in (204, 304) or (100 <= status < 200):
-            self._left = 0
-        elif lengths and first(headers, b"transfer-encoding") is None:
-            try:
-                self._left = h1_codec.content_length(lengths, _bad)
-            except BadRequest as exc:
-                self.abort()
-                raise DownstreamGone(f"cannot send this response over HTTP/1.1: {exc}") from exc
-        else:
-            # Unknown length: chunked for HTTP/1.1, else delimited by the end of the connection.
-            headers = [(k, v) for k, v in headers if k not in (b"content-length", b"transfer-encoding")]
-            if self.version >= b"1.1":
-                self._chunked = True
-                extra.append(b"Transfer-Encoding: chunked\r\n")
-            elif self.method != b"HEAD":
-                self.must_close = close = True
-        if self.method == b"HEAD":
-            self._no_body = True
-        if close:
-            self.keep_alive = False
-            tokens = {t for t in h1_codec.comma_tokens(headers, b"connection") if t != b"keep-alive"}
-            tokens.add(b"close")
-            headers = [(k, v) for k, v in headers if k != b"connection"]
-            extra.append(b"Connection: " + b", ".join(sorted(tokens)) + b"\r\n")
-        parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason(status))]
-        for k, v in headers:
-            parts.append(k + b": " + v + b"\r\n")
-        parts.extend(extra)
-        parts.append(b"\r\n")
-        self._hold(b"".join(parts))
+        if self.session.draining:
+            headers = [*headers, (b"connection", b"close")]
+        # h11 frames it: chunked when the length is unknown (or delimited by the close for HTTP/1.0), no body
+        # for HEAD, and `connection: close` whenever the connection will not carry another request.
+        status = head.status
+        response = h11.Response(status_code=status, headers=headers, reason=_REASONS.get(status, b""))
+        self._send(conn.send, response)
         self.response_started = True
         if not hold:
             await self.flush()
 
     async def send_body(self, data: bytes, hold: bool = False) -> None:
         if data and not self._no_body:
-            if self._chunked:
-                self._hold(b"%x\r\n" % len(data))
-                self._hold(data)
-                self._hold(b"\r\n")
-            else:
-                if self._left is not None:
-                    if len(data) > self._left:
-                        self.abort()
-                        raise DownstreamGone("cannot send this response over HTTP/1.1: too much data for its "
-                                             "Content-Length")  # fmt: skip
-                    self._left -= len(data)
-                self._hold(data)
+            self._send(self.conn.send_with_data_passthrough, h11.Data(data=data))
         if not hold or self._held_bytes > JOIN_LIMIT:
             await self.flush()
 
     async def end_response(self, trailers: Headers | None = None) -> None:
-        # HTTP/1.1 trailers are dropped (as with h11 before: they would need care with every client).
-        if self._chunked and not self._no_body:
-            self._hold(b"0\r\n\r\n")
-        elif self._left and not self._no_body:
-            self.abort()
-            raise DownstreamGone("cannot send this response over HTTP/1.1: too little data for its Content-Length")
-        self.response_ended = True
+        # HTTP/1.1 trailers need a chunked response; rather than risk h11 refusing them, they are dropped.
+        self._send(self.conn.send, _END)
         await self.flush()
-        if self.must_close:
-            self.session.close()
 
     async def flush(self) -> None:
         """Write what is held, and wait while the client's side is backed up."""
@@ -383,6 +328,15 @@ class Http1Exchange:
         self._held = []
         self.session.close()
 
-    def _hold(self, data: bytes) -> None:
-        self._held.append(data)
-        self._held_bytes += len(data)
+    def _send(self, send: Callable[[h11.Event], object], event: h11.Event) -> None:
+        try:
+            data = send(event)
+        except h11.LocalProtocolError as exc:
+            self.abort()
+            raise DownstreamGone(f"cannot send this response over HTTP/1.1: {exc}") from exc
+        if type(data) is list:
+            self._held.extend(data)
+            self._held_bytes += sum(map(len, data))
+        elif data:
+            self._held.append(data)  # type: ignore[arg-type]
+            self._held_bytes += len(data)  # type: ignore[arg-type]

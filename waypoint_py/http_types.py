@@ -1,6 +1,6 @@
 """One HTTP request as the proxy sees it, whichever protocol carried it, and the two sides it talks to.
 
-Header names are lower-case bytes on both HTTP/1.1 (the parser lower-cases them) and HTTP/2 (lower-case on the
+Header names are lower-case bytes on both HTTP/1.1 (h11 lower-cases them) and HTTP/2 (lower-case on the
 wire), and values stay bytes: the proxy forwards what it got without re-encoding it.
 """
 

@@ -2,178 +2,195 @@
 carry the next request to the same endpoint (`upstream_pool`). Balancing stays per request: the endpoint is
 chosen first, then a stream to it.
 
-The request written here was parsed and checked on the client side (`h1_server`: method, target, header
-names and values), so it is serialized as it is; the response is parsed with `h1_codec` by RFC 9112's rules:
-1xx skipped, no body for HEAD/204/304, Transfer-Encoding: chunked before Content-Length, else until close.
+h11 keeps the protocol rules, with one `h11.Connection` per upstream stream carried from exchange to exchange
+(`start_next_cycle`): 1xx skipped, no body for HEAD/204/304, Transfer-Encoding: chunked before
+Content-Length, else until the close. A response framed by both Transfer-Encoding and Content-Length is read
+by its chunks, loses its Content-Length and does not leave its stream fit for another request.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
 
-from waypoint_py import h1_codec
+import h11
+
 from waypoint_py.errors import UpstreamProtocolError, UpstreamReset
-from waypoint_py.h1_codec import CHUNKED, LENGTH, UNTIL_CLOSE, BodyReader, Input
 from waypoint_py.http_types import Headers, RequestHead, ResponseHead, end_to_end, first
-from waypoint_py.streams import write_parts
+from waypoint_py.streams import READ_SIZE, write_parts
 
 MAX_HEAD_BYTES = 64 * 1024
 
-_STATUS_LINE = re.compile(rb"HTTP/([0-9])\.([0-9]) ([0-9]{3})(?: [^\r\n]*)?")
-
-
-def _bad(message: str) -> Exception:
-    return UpstreamProtocolError(f"upstream sent malformed HTTP/1.1: {message}")
-
-
-def _lost(message: str) -> Exception:
-    return UpstreamReset(f"upstream: {message}")
-
-
-def _head_too_big() -> Exception:
-    return _bad("response head too big")
+_END = h11.EndOfMessage()  # immutable: one serves every request
+_DONE, _NEED_DATA, _PAUSED = h11.DONE, h11.NEED_DATA, h11.PAUSED
 
 
 class Http1Upstream:
+    __slots__ = ("_eof", "_keep", "_peeked", "_received", "_trailers", "conn", "reader", "writer")
+
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
-        self.input = Input(reader, b"", _bad, _lost)
-        self._reset_exchange()
-
-    def _reset_exchange(self) -> None:
-        self._head_request = False
-        self._request_chunked = False
-        self._request_left = 0  # Content-Length bytes still to send
-        self._request_done = False
-        self._keep_alive = False
-        self._body: BodyReader | None = None
-        self.input.received = 0
+        self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
+        self._received = 0  # bytes read from the upstream in this exchange
+        self._eof = False
+        self._keep = True  # False: the stream must not carry another request, whatever h11 says
+        self._peeked: h11.Event | h11.RemoteProtocolError | None = None  # taken ahead by `body_ready`
+        self._trailers: Headers | None = None
 
     @property
     def trailers(self) -> Headers | None:
-        return self._body.trailers if self._body is not None else None
+        return self._trailers
 
     @property
     def nothing_received(self) -> bool:
         """Not one byte of an answer came back in this exchange (what a closed keep-alive stream looks like)."""
-        return self.input.received == 0
+        return self._received == 0
 
     def reusable(self) -> bool:
         """The exchange is complete both ways, nothing came after the response, neither side asked to close:
         the stream can carry another request."""
-        inp = self.input
-        body = self._body
-        return (self._request_done and body is not None and body.done and self._keep_alive and not inp.buf
-                and not inp.eof and not self.writer.is_closing() and not self.reader.at_eof())  # fmt: skip
+        conn = self.conn
+        if not self._keep or conn.our_state is not _DONE or conn.their_state is not _DONE:
+            return False
+        if self.writer.is_closing() or self.reader.at_eof():
+            return False
+        trailing, closed = conn.trailing_data
+        return not trailing and not closed
 
     def next_cycle(self) -> None:
-        self._reset_exchange()
+        self.conn.start_next_cycle()
+        self._received = 0
+        self._peeked = None
+        self._trailers = None
 
     # -- the request -------------------------------------------------------------------------------------
     async def send_head(self, head: RequestHead, end: bool = False) -> None:
         """The request head; with `end` (a request without a body) the end of the request as well."""
-        self._head_request = head.method == "HEAD"
-        parts = [f"{head.method} {head.path} HTTP/1.1\r\nhost: {head.authority}\r\n".encode("latin-1")]
-        for k, v in head.headers:
-            parts.append(k + b": " + v + b"\r\n")
-        length = first(head.headers, b"content-length")
-        if head.has_body and length is None:
-            self._request_chunked = True
-            parts.append(b"transfer-encoding: chunked\r\n")
-        elif length is not None:
-            if not h1_codec.DIGITS.fullmatch(length):
-                raise UpstreamReset(f"cannot send the request over HTTP/1.1: bad Content-Length {length!r}")
-            self._request_left = int(length)
-        parts.append(b"\r\n")
-        if end:
-            self._end_request(parts)
-        if self.writer.is_closing():
-            raise UpstreamReset("upstream stream is closed")
-        await self._write([b"".join(parts)])
+        headers: Headers = [(b"host", head.authority.encode("latin-1")), *head.headers]
+        if head.has_body and first(head.headers, b"content-length") is None:
+            headers.append((b"transfer-encoding", b"chunked"))
+        conn = self.conn
+        try:
+            request = h11.Request(method=head.method.encode("ascii"), target=head.path.encode("latin-1"),
+                                  headers=headers)  # fmt: skip
+            data = conn.send(request)
+            if end:
+                data += conn.send(_END)
+        except h11.LocalProtocolError as exc:
+            raise UpstreamReset(f"cannot send the request over HTTP/1.1: {exc}") from exc
+        await self._write([data])
 
     async def send_body(self, data: bytes) -> None:
         if not data:
             return
-        if self._request_chunked:
-            parts = [b"%x\r\n" % len(data), data, b"\r\n"]
-        else:
-            if len(data) > self._request_left:
-                raise UpstreamReset("cannot send the request over HTTP/1.1: too much data for its Content-Length")
-            self._request_left -= len(data)
-            parts = [data]
-        if self.writer.is_closing():
-            raise UpstreamReset("upstream stream is closed")
-        await self._write(parts)
+        try:
+            parts = self.conn.send_with_data_passthrough(h11.Data(data=data))
+        except h11.LocalProtocolError as exc:
+            raise UpstreamReset(f"cannot send the request over HTTP/1.1: {exc}") from exc
+        await self._write(parts)  # type: ignore[arg-type]
 
     async def end_body(self, trailers: Headers | None) -> None:
-        # Request trailers are not forwarded over HTTP/1.1 (as before).
-        parts: list[bytes] = []
-        self._end_request(parts)
-        if parts:
-            await self._write(parts)
-
-    def _end_request(self, parts: list[bytes]) -> None:
-        if self._request_chunked:
-            parts.append(b"0\r\n\r\n")
-        elif self._request_left:
-            raise UpstreamReset("cannot send the request over HTTP/1.1: too little data for its Content-Length")
-        self._request_done = True
+        # Request trailers are not forwarded over HTTP/1.1.
+        try:
+            data = self.conn.send(_END)
+        except h11.LocalProtocolError as exc:
+            raise UpstreamReset(f"cannot send the request over HTTP/1.1: {exc}") from exc
+        if data:
+            await self._write([data])
 
     async def _write(self, parts: list[bytes]) -> None:
+        writer = self.writer
+        if writer.is_closing():
+            raise UpstreamReset("upstream stream is closed")
         try:
-            write_parts(self.writer, parts)
-            await self.writer.drain()
+            write_parts(writer, parts)
+            await writer.drain()
         except (ConnectionError, OSError) as exc:
             raise UpstreamReset(f"upstream stream lost: {exc}") from exc
 
     # -- the response ------------------------------------------------------------------------------------
     async def response_head(self) -> ResponseHead:
         while True:
-            lines = await self.input.head(MAX_HEAD_BYTES, _head_too_big)
-            if lines is None:
-                raise UpstreamReset("upstream closed the connection before the response")
-            match = _STATUS_LINE.fullmatch(lines[0])
-            if match is None:
-                raise _bad(f"illegal status line {lines[0][:60]!r}")
-            if match.group(1) != b"1":
-                raise _bad(f"HTTP/{match.group(1).decode()}.{match.group(2).decode()} response")
-            status = int(match.group(3))
-            headers = h1_codec.parse_fields(lines[1:], _bad)
-            if status >= 200:
+            event = await self._next_event()
+            kind = type(event)
+            if kind is h11.Response:
                 break
-            if status == 101:
-                raise _bad("101 Switching Protocols that nobody asked for")
+            if kind is not h11.InformationalResponse:
+                raise UpstreamReset(f"upstream closed the connection before the response ({kind.__name__})")
             # 100 Continue and friends: we already answered the client's Expect ourselves.
-        self._frame(status, match.group(2) != b"0", headers)
-        return ResponseHead(status, end_to_end(headers))
-
-    def _frame(self, status: int, keep_alive_version: bool, headers: Headers) -> None:
-        self._keep_alive = keep_alive_version and b"close" not in h1_codec.comma_tokens(headers, b"connection")
-        encodings = [v for k, v in headers if k == b"transfer-encoding"]
-        lengths = [v for k, v in headers if k == b"content-length"]
-        if lengths:
-            length = h1_codec.content_length(lengths, _bad)
-        if self._head_request or status in (204, 304):
-            self._body = BodyReader(self.input, LENGTH, 0)
-        elif encodings:
-            if len(encodings) > 1 or encodings[0].lower() != b"chunked":
-                raise _bad("only Transfer-Encoding: chunked is supported")
-            self._body = BodyReader(self.input, CHUNKED, trailer_limit=MAX_HEAD_BYTES)
-            if lengths:
-                # Transfer-Encoding wins (RFC 9112 §6.3); the Content-Length must not travel on, nor the stream.
-                headers[:] = [(k, v) for k, v in headers if k != b"content-length"]
-                self._keep_alive = False
-        elif lengths:
-            self._body = BodyReader(self.input, LENGTH, length)
-        else:
-            self._body = BodyReader(self.input, UNTIL_CLOSE)
-            self._keep_alive = False
+        headers: Headers = list(event.headers)  # type: ignore[union-attr]
+        size = len(event.reason) + 15  # type: ignore[union-attr]  # status line
+        length = encoding = False
+        for name, value in headers:
+            size += len(name) + len(value) + 4
+            if name == b"content-length":
+                length = True
+            elif name == b"transfer-encoding":
+                encoding = True
+        if size > MAX_HEAD_BYTES:
+            raise UpstreamProtocolError("upstream sent malformed HTTP/1.1: response head too big")
+        if encoding and length:
+            # Transfer-Encoding wins (RFC 9112 §6.3); the Content-Length must not travel on, nor the stream.
+            headers = [(k, v) for k, v in headers if k != b"content-length"]
+            self._keep = False
+        return ResponseHead(event.status_code, end_to_end(headers))  # type: ignore[union-attr]
 
     def body_ready(self) -> bool:
-        return self._body is None or self._body.ready()
+        """`read_body` would answer without waiting for the upstream (h11 has the next event buffered)."""
+        if self._peeked is not None:
+            return True
+        try:
+            event = self.conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            self._peeked = exc
+            return True
+        if event is _NEED_DATA:
+            return False
+        self._peeked = event  # type: ignore[assignment]
+        return True
 
     async def read_body(self) -> bytes | None:
-        assert self._body is not None
-        return await self._body.read()
+        event = await self._next_event()
+        kind = type(event)
+        if kind is h11.Data:
+            return bytes(event.data)  # type: ignore[union-attr]
+        if kind is h11.EndOfMessage:
+            trailers = event.headers  # type: ignore[union-attr]
+            self._trailers = list(trailers) if trailers else None
+            return None
+        raise UpstreamReset("upstream closed the connection in the middle of the response body")
+
+    async def _next_event(self) -> h11.Event:
+        conn = self.conn
+        peeked, self._peeked = self._peeked, None
+        # Nothing read yet in this exchange: h11's buffer is empty (a kept stream had nothing after its last
+        # response), so it could only answer NEED_DATA.
+        unread = self._received == 0 and not self._eof
+        while True:
+            try:
+                if unread:
+                    event, unread = _NEED_DATA, False
+                elif peeked is None:
+                    event = conn.next_event()
+                elif isinstance(peeked, h11.RemoteProtocolError):
+                    raise peeked
+                else:
+                    event, peeked = peeked, None
+            except h11.RemoteProtocolError as exc:
+                if self._eof:
+                    raise UpstreamReset(f"upstream closed the connection in the middle of a message ({exc})") from exc
+                raise UpstreamProtocolError(f"upstream sent malformed HTTP/1.1: {exc}") from exc
+            if event is _NEED_DATA:
+                try:
+                    data = await self.reader.read(READ_SIZE)
+                except (ConnectionError, OSError) as exc:
+                    raise UpstreamReset(f"upstream stream lost: {exc}") from exc
+                if data:
+                    self._received += len(data)
+                else:
+                    self._eof = True
+                conn.receive_data(data)  # b"": the upstream ended the stream
+                continue
+            if event is _PAUSED:
+                raise UpstreamProtocolError("upstream sent more than one response")
+            return event  # type: ignore[return-value]

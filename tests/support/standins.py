@@ -270,3 +270,38 @@ class GrpcApp:
             return
         finally:
             writer.close()
+
+
+# -- in-memory streams for the waypoint's HTTP/1.1 sides without processes ------------------------------------
+
+
+class FakeWriter:
+    """What a `StreamWriter` offers the HTTP/1.1 sides; keeps what they write."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def writelines(self, parts: list[bytes]) -> None:
+        for p in parts:
+            self.data += p
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    async def drain(self) -> None:
+        pass
+
+
+def reader_with(data: bytes, eof: bool = True) -> asyncio.StreamReader:
+    reader = asyncio.StreamReader()
+    reader.feed_data(data)
+    if eof:
+        reader.feed_eof()
+    return reader
