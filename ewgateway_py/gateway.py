@@ -91,7 +91,8 @@ class Gateway:
             return
         tunnel.respond(200)
         # Side a is the client's tunnel: a→b is client→server ("received"), b→a "sent".
-        relay = Relay(on_progress=recorder.add)
+        relay = Relay()
+        recorder.follow(relay.counts)
         try:
             result = await relay.start(tunnel, transport)  # type: ignore[arg-type]
         except asyncio.CancelledError:

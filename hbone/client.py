@@ -18,28 +18,6 @@ from .tlslayer import Buffered, attach, wrap_tls
 CONNECT_TIMEOUT = 10.0
 
 
-async def start_tls(
-    transport: asyncio.Transport, context: ssl.SSLContext, *, server_side: bool, timeout: float
-) -> tuple[asyncio.Transport, Buffered]:
-    """TLS over a socket transport (the loop's own TLS) or over any other transport (ours)."""
-    loop = asyncio.get_running_loop()
-    if transport.get_extra_info("socket") is not None and transport.get_extra_info("tunnel") is None:
-        placeholder = Buffered()
-        tls = await loop.start_tls(
-            transport,
-            placeholder,
-            context,
-            server_side=server_side,
-            server_hostname=None,
-            ssl_handshake_timeout=timeout,
-        )
-        if tls is None:
-            raise ConnectionResetError("connection closed during the TLS handshake")
-        placeholder.transport = tls
-        return tls, placeholder
-    return await wrap_tls(transport, context, server_side=server_side, timeout=timeout)
-
-
 async def _h2_ready(conn: HboneConnection, timeout: float) -> None:
     try:
         await asyncio.wait_for(asyncio.shield(conn.ready), timeout)
@@ -74,10 +52,15 @@ async def client_over(
 ) -> HboneConnection:
     """mTLS + HTTP/2 client over an already open transport (a TCP socket, or a CONNECT stream)."""
     try:
-        tls, placeholder = await start_tls(transport, context, server_side=False, timeout=timeout)
+        tls, placeholder = await wrap_tls(transport, context, server_side=False, timeout=timeout)
     except (ssl.SSLError, OSError, TimeoutError, EOFError) as exc:
         transport.abort()
         raise TlsFailure(f"TLS handshake with {name or 'peer'} failed: {describe_ssl_error(exc)}") from exc
+    refusal = getattr(tls, "lost_exc", None)
+    if refusal is not None:
+        # TLS 1.3: our side was done when the server's verdict on our certificate (an alert) came in.
+        tls.abort()
+        raise TlsFailure(f"{name or 'peer'}: server refused the TLS session: {describe_ssl_error(refusal)}")
     try:
         peer = check_server(tls.get_extra_info("ssl_object"), expected)
     except HboneError as exc:

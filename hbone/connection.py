@@ -81,6 +81,11 @@ class HboneConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._streams: dict[int, Tunnel] = {}
         self._blocked: set[Tunnel] = set()
+        self._unacked_streams: set[Tunnel] = set()
+        self._unacked_total = 0
+        # Well below h2's own threshold (half a window), so holding these back never stalls a sender.
+        self._stream_ack_batch = min(64 * KiB, self.settings.stream_window // 8)
+        self._connection_ack_batch = min(1 * MiB, self.settings.connection_window // 8)
         self._pending_open: dict[int, asyncio.Future[Tunnel]] = {}
         self._batch = False
         self._write_paused = False
@@ -375,7 +380,26 @@ class HboneConnection(asyncio.Protocol):
         tunnel._maybe_resume_protocol()
 
     def _ack(self, tunnel: Tunnel, flow_len: int) -> None:
-        self._ack_raw(tunnel.stream_id, flow_len)
+        """The consumer took `flow_len` bytes of `tunnel`. Acknowledgements are gathered up to a small part
+        of the windows before h2 hears of them: h2 sends WINDOW_UPDATE only after half a window anyway,
+        and one call per 1 KiB message is a measurable share of a small request's cost."""
+        if not flow_len or self._closed:
+            return
+        tunnel._unacked += flow_len
+        self._unacked_total += flow_len
+        self._unacked_streams.add(tunnel)
+        if tunnel._unacked >= self._stream_ack_batch or tunnel.finished:
+            self._ack_stream(tunnel)
+        if self._unacked_total >= self._connection_ack_batch:
+            for pending in list(self._unacked_streams):
+                self._ack_stream(pending)
+
+    def _ack_stream(self, tunnel: Tunnel) -> None:
+        n, tunnel._unacked = tunnel._unacked, 0
+        self._unacked_total -= n
+        self._unacked_streams.discard(tunnel)
+        if n:
+            self._ack_raw(tunnel.stream_id, n)
 
     def _ack_raw(self, stream_id: int, flow_len: int) -> None:
         if flow_len and not self._closed:
@@ -391,6 +415,8 @@ class HboneConnection(asyncio.Protocol):
         self._flush()
 
     def _stream_finished(self, tunnel: Tunnel) -> None:
+        if tunnel._unacked:
+            self._ack_stream(tunnel)  # its bytes still count against the connection window
         self._streams.pop(tunnel.stream_id, None)
         self._blocked.discard(tunnel)
         waiter = self._pending_open.pop(tunnel.stream_id, None)

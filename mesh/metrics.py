@@ -267,10 +267,11 @@ class TcpMetrics:
 
 
 class TcpRecorder:
-    """Metrics of one connection. `add_received`/`add_sent` are the hot path: one integer add each."""
+    """Metrics of one connection. Bytes come from `follow(relay.counts)` (read at each flush, nothing per chunk)
+    or from `add_received`/`add_sent` (one integer add each)."""
 
-    __slots__ = ("_closed", "_gauge", "_labels", "_metrics", "_rx", "_rx_counter", "_tx", "_tx_counter",
-                 "_values")  # fmt: skip
+    __slots__ = ("_closed", "_counted", "_follow", "_gauge", "_labels", "_metrics", "_rx", "_rx_counter", "_tx",
+                 "_tx_counter", "_values")  # fmt: skip
 
     def __init__(self, metrics: TcpMetrics, labels: TrafficLabels) -> None:
         self._metrics = metrics
@@ -281,6 +282,8 @@ class TcpRecorder:
         self._rx_counter: Counter | None = None
         self._tx_counter: Counter | None = None
         self._closed = False
+        self._follow: list[int] | None = None
+        self._counted = (0, 0)
         self._gauge = metrics.sockets_open.labels(_v(labels.reporter))
 
     @property
@@ -299,12 +302,11 @@ class TcpRecorder:
         """Server→client bytes (for either reporter)."""
         self._tx += n
 
-    def add(self, direction: int, n: int) -> None:
-        """A relay's progress hook: direction 0 is client→server, 1 server→client."""
-        if direction == 0:
-            self._rx += n
-        else:
-            self._tx += n
+    def follow(self, counts: list[int]) -> None:
+        """Take byte counts from live counters [client→server, server→client] (a relay's `counts`), read at
+        each flush, so the data path pays nothing per chunk."""
+        self._follow = counts
+        self._counted = (counts[0], counts[1])
 
     def relabel(self, labels: TrafficLabels) -> bool:
         """Replace the labels of a provisional recorder and count it as opened.
@@ -330,6 +332,11 @@ class TcpRecorder:
     def flush(self) -> None:
         if self._rx_counter is None or self._tx_counter is None:
             return  # provisional: bytes wait until the labels are final
+        if self._follow is not None:
+            rx, tx = self._follow
+            self._rx += rx - self._counted[0]
+            self._tx += tx - self._counted[1]
+            self._counted = (rx, tx)
         if self._rx:
             self._rx_counter.inc(self._rx)
             self._rx = 0

@@ -28,6 +28,7 @@ from mesh.metrics import (
     TrafficLabels,
     build_info,
     new_registry,
+    render,
 )
 from mesh.model import Locality, Workload
 
@@ -283,3 +284,19 @@ def test_access_log_writes_text_and_json_lines(restore_logging: None) -> None:
     assert record["dst.addr"] == "10.0.0.2:80" and record["bytes_recv"] == 3 and "none" not in record
     with pytest.raises(ValueError, match="xml"):
         AccessLog("xml")
+
+
+def test_recorder_follows_live_counters_at_each_flush() -> None:
+    registry = new_registry()
+    tcp = TcpMetrics(registry)
+    rec = tcp.open(TrafficLabels("source"))
+    counts = [100, 0]  # bytes that flowed before the recorder started following are not its own
+    rec.follow(counts)
+    counts[0] += 1000
+    counts[1] += 20
+    text = render(registry, "")[0].decode()
+    assert 'istio_tcp_received_bytes_total{' in text and "} 1000.0" in text
+    counts[0] += 5
+    rec.close()
+    text = render(registry, "")[0].decode()
+    assert "} 1005.0" in text and "} 20.0" in text

@@ -82,7 +82,9 @@ class Inbound:
             headers.append(("baggage", node.baggage_of(call.destination)))
         tunnel.respond(200, headers)
 
-        result = await Relay(recorder.add).start(tunnel, app)  # type: ignore[arg-type]
+        relay = Relay()
+        recorder.follow(relay.counts)
+        result = await relay.start(tunnel, app)  # type: ignore[arg-type]
         recorder.close(NO_FLAGS)
         self._log(
             call, 200, NO_FLAGS, result.a_to_b, result.b_to_a, started, str(result.error) if result.error else None

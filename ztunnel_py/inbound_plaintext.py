@@ -68,7 +68,9 @@ class PlaintextProtocol(Buffered):
             return
 
         transport.resume_reading()
-        result = await Relay(recorder.add).start(transport, app)  # type: ignore[arg-type]
+        relay = Relay()
+        recorder.follow(relay.counts)
+        result = await relay.start(transport, app)  # type: ignore[arg-type]
         recorder.close(NO_FLAGS)
         if node.ctx.access_log.enabled:
             node.ctx.access_log.write(

@@ -116,7 +116,8 @@ class Outbound:
             recorder.relabel(self._labels(source, hop, request, inner=upstream))
         outcome(None)
 
-        relay = Relay(recorder.add)
+        relay = Relay()
+        recorder.follow(relay.counts)
         transport.resume_reading()
         result = await relay.start(transport, upstream)
         flag = NO_FLAGS
