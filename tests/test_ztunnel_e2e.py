@@ -209,8 +209,16 @@ async def test_bad_config_is_refused_and_traffic_keeps_flowing(mesh) -> None:
 
 async def test_unknown_source_is_refused_with_socks_reply_2(mesh) -> None:
     code, _out, err = await run_curl("--socks5-hostname", f"{Z1}:15080", f"http://{ECHO_HOST}/")
-    assert code == 97 or "not allowed" in err.decode().lower() or code != 0
+    assert code == 97, err  # curl: the SOCKS proxy refused the connection
+    assert "(2)" in err.decode()  # reply code 2: connection not allowed by ruleset
     assert "is not a workload on this node" in mesh["ztunnels"][0].logs()
+    # The raw reply, byte for byte.
+    reader, writer = await asyncio.open_connection(Z1, 15080)  # from 127.0.0.1: not a workload
+    writer.write(b"\x05\x01\x00")
+    assert await reader.readexactly(2) == b"\x05\x00"
+    writer.write(b"\x05\x01\x00\x01" + bytes([127, 11, 9, 1]) + (80).to_bytes(2, "big"))
+    assert (await reader.readexactly(10))[:2] == b"\x05\x02"
+    writer.close()
 
 
 async def socks_get(path: str = "/") -> bytes:
