@@ -55,6 +55,10 @@ StreamHandler = Callable[[Tunnel], None]
 class HboneConnection(asyncio.Protocol):
     """One HTTP/2 connection. Servers get each CONNECT through `on_stream`; clients call `open_stream`."""
 
+    # `data_received` copies its argument into h2's frame buffer before anything else runs, so the TLS layer
+    # may hand it a view of its scratch buffer instead of a copy.
+    copies_input = True
+
     def __init__(
         self,
         *,

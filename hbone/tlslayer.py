@@ -154,8 +154,11 @@ class TlsOverTransport(asyncio.Transport):
                 self._lower.abort()
                 return
             if total:
-                # Copied out before the callback, which may decrypt another session into the scratch buffer.
-                self._protocol.data_received(bytes(_SCRATCH_VIEW[:total]))
+                chunk = _SCRATCH_VIEW[:total]
+                # A protocol that copies what it is given before doing anything else (HTTP/2's frame buffer)
+                # may read the scratch buffer itself; anyone else gets a copy, made before the callback,
+                # which may decrypt another session into the scratch buffer.
+                self._protocol.data_received(chunk if getattr(self._protocol, "copies_input", False) else bytes(chunk))
             if ended:
                 self._on_eof()
                 break
