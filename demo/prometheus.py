@@ -72,7 +72,7 @@ class Prometheus:
             raise ValueError(f"PromQL error: {body}")
         return list(body["data"]["result"])
 
-    async def wait_for_scrape(self, since_requests: int = 1) -> None:
+    async def wait_for_scrape(self) -> None:
         """Until every target has been scraped after the traffic."""
         targets = len(self.mesh.scrape_targets())
         for _ in range(100):

@@ -103,7 +103,6 @@ class HboneConnection(asyncio.Protocol):
         self._ping_timer: asyncio.TimerHandle | None = None
         self._ping_sent_at: float | None = None
         self._reserved = 0
-        self.created_at = time.monotonic()
         self.idle_since: float | None = time.monotonic()
         self.close_reason = ""
         self.lost_exc: Exception | None = None

@@ -100,20 +100,6 @@ def choose_endpoint(
     return (rng or _RNG).choices(pool, weights=weights)[0]
 
 
-class RoundRobin(Generic[T]):
-    """Takes the next item of whatever list it is given; the list may change between calls."""
-
-    def __init__(self) -> None:
-        self._next = 0
-
-    def pick(self, items: Sequence[T]) -> T | None:
-        if not items:
-            return None
-        item = items[self._next % len(items)]
-        self._next = (self._next + 1) % (1 << 32)
-        return item
-
-
 class LeastConnections(Generic[H]):
     """Picks the item with the fewest open connections; callers report opens and closes.
 

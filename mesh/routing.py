@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from hbone.authority import format_authority
 from hbone.identity import Identity
@@ -43,7 +43,6 @@ class Hop:
     via_waypoint: bool = False
     gateway: Workload | None = None
     target_port: int = 0
-    notes: tuple[str, ...] = field(default=())
 
     @property
     def service_hostname(self) -> str | None:
@@ -80,7 +79,7 @@ class Router:
         workload = self.state.workload_by_address(self.network, dst_ip)
         if workload is not None:
             return self.route_workload(source, workload, dst_ip, dst_port, skip_waypoint_of=skip_waypoint_of)
-        return Hop(HopKind.PASSTHROUGH, (dst_ip, dst_port), notes=("not a mesh destination",))
+        return Hop(HopKind.PASSTHROUGH, (dst_ip, dst_port))  # not a mesh destination
 
     def route_hostname(
         self, source: Workload | None, hostname: str, port: int, *, skip_waypoint_of: Identity | None = None

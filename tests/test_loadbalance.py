@@ -8,7 +8,7 @@ from ipaddress import ip_address
 
 import pytest
 
-from mesh.loadbalance import LeastConnections, RoundRobin, choose_endpoint, eligible
+from mesh.loadbalance import LeastConnections, choose_endpoint, eligible
 from mesh.model import (
     Endpoint,
     GatewayAddress,
@@ -152,15 +152,6 @@ def test_network_and_cluster_preferences() -> None:
     assert names(eligible(eps, source=SOURCE, load_balancer=cluster)) == ["local"]
     # Only remote endpoints left: Standard still reaches them.
     assert names(eligible(eps[2:], source=SOURCE, load_balancer=net_first)) == ["remote"]
-
-
-def test_round_robin_cycles_and_tolerates_changing_lists() -> None:
-    rr: RoundRobin[str] = RoundRobin()
-    assert [rr.pick(["a", "b", "c"]) for _ in range(6)] == ["a", "b", "c", "a", "b", "c"]
-    assert rr.pick([]) is None
-    assert rr.pick(["x"]) == "x"
-    counts = Counter(rr.pick(["a", "b", "c", "d"]) for _ in range(400))
-    assert set(counts.values()) == {100}
 
 
 def test_least_connections() -> None:
