@@ -22,7 +22,6 @@ from mesh.model import (
     Workload,
 )
 
-T = TypeVar("T")
 H = TypeVar("H", bound=Hashable)
 
 _RNG = random.Random()
