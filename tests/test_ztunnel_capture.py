@@ -12,9 +12,10 @@ import yaml
 
 from certs import make_mesh_pki
 from tests.support.daemons import Daemon, metric_samples, run_curl, start_app
-from tests.support.netns import namespace, netns_unavailable, sh
+from tests.support.netns import namespace, sh
+from topology.netns import netns_unavailable_reason
 
-REASON = netns_unavailable() or (None if shutil.which("iptables") else "iptables is not installed")
+REASON = netns_unavailable_reason() or (None if shutil.which("iptables") else "iptables is not installed")
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 
 SLEEP_IP, ECHO_IP, VIP, Z1, Z2 = "198.18.1.10", "198.18.2.10", "198.18.9.1", "198.18.1.1", "198.18.2.1"
