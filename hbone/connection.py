@@ -20,10 +20,11 @@ import h2.events
 import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
-from hyperframe.frame import GoAwayFrame
+from hyperframe.exceptions import InvalidPaddingError
+from hyperframe.frame import DataFrame, GoAwayFrame
 
 from .errors import ConnectionClosed, ConnectRefused, H2HandshakeFailure, StreamReset
-from .h2fast import install_outbox, make_connection
+from .h2fast import DataPath, FastFrameBuffer, install_outbox, make_connection
 from .identity import Identity
 from .tunnel import Tunnel
 
@@ -82,6 +83,7 @@ class HboneConnection(asyncio.Protocol):
         config = h2.config.H2Configuration(client_side=client, header_encoding=None, validate_inbound_headers=True)
         self._h2 = make_connection(config, self._on_goaway_frame)
         self._outbox = install_outbox(self._h2)
+        self._data_path = DataPath(self._h2, self._outbox)
         self._transport: asyncio.Transport | None = None
         self._streams: dict[int, Tunnel] = {}
         self._blocked: set[Tunnel] = set()
@@ -135,25 +137,62 @@ class HboneConnection(asyncio.Protocol):
         self._schedule_ping()
 
     def data_received(self, data: bytes) -> None:
+        """h2's `receive_data`, frame by frame, with plain DATA frames on open streams accounted for by
+        `DataPath` (h2's counters, h2's errors) and everything else handled by h2 itself."""
         self.received_any = True
         if self._closed:
             return
+        conn = self._h2
+        buffer: FastFrameBuffer = conn.incoming_buffer  # type: ignore[assignment]
         try:
-            events = self._h2.receive_data(data)
+            buffer.add_data(data)  # checks the client preamble
         except h2.exceptions.ProtocolError as exc:
             self._protocol_error(exc)
             return
+        buffer.max_frame_size = conn.max_inbound_frame_size
         self._batch = True
         try:
-            for event in events:
+            while not self._closed:
                 try:
-                    self._dispatch(event)
-                except Exception:
-                    # A bug in one stream's consumer must cost that stream only, not every stream here.
-                    self._isolate_failure(event)
+                    item = buffer.next_item()
+                    if item is None:
+                        break
+                    if type(item) is tuple:
+                        stream_id, payload = item
+                        if self._data_path.receive(stream_id, payload):
+                            self._on_data(stream_id, payload)
+                            continue
+                        item = DataFrame(stream_id, payload)
+                    events = conn._receive_frame(item)
+                except InvalidPaddingError:
+                    conn._terminate_connection(ErrorCodes.PROTOCOL_ERROR)
+                    self._protocol_error(h2.exceptions.ProtocolError("Received frame with invalid padding."))
+                    return
+                except h2.exceptions.ProtocolError as exc:
+                    conn._terminate_connection(exc.error_code)  # h2's receive_data does the same: GOAWAY
+                    self._protocol_error(exc)
+                    return
+                for event in events:
+                    try:
+                        self._dispatch(event)
+                    except Exception:
+                        # A bug in one stream's consumer must cost that stream only, not every stream here.
+                        self._isolate_failure(event)
         finally:
             self._batch = False
         self._flush()
+
+    def _on_data(self, stream_id: int, payload: bytes) -> None:
+        tunnel = self._streams.get(stream_id)
+        if tunnel is None:
+            self._ack_raw(stream_id, len(payload))
+            return
+        try:
+            tunnel._on_data(payload, len(payload))
+        except Exception:
+            log.exception("error handling data on %r; resetting that stream", tunnel)
+            if not tunnel.finished:
+                tunnel.abort(ErrorCodes.INTERNAL_ERROR)
 
     def eof_received(self) -> bool | None:
         self._lost("peer closed the connection")
@@ -355,8 +394,9 @@ class HboneConnection(asyncio.Protocol):
         sid = tunnel.stream_id
         queue = tunnel._send
         try:
+            data_path = self._data_path
             while queue and not self._write_paused:
-                room = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+                room = data_path.room(sid)
                 if room <= 0:
                     break
                 chunk = queue[0]
@@ -365,8 +405,13 @@ class HboneConnection(asyncio.Protocol):
                 else:
                     queue[0] = chunk[room:]
                     chunk = chunk[:room]
-                conn.send_data(sid, chunk)
-                tunnel._send_size -= len(chunk)
+                # All of an immutable buffer goes as it is; anything else is copied, as h2 does with a
+                # memoryview, because the writer may reuse its buffer.
+                whole = chunk.obj
+                data = whole if type(whole) is bytes and chunk.nbytes == len(whole) else bytes(chunk)
+                if not data_path.send(sid, data):
+                    conn.send_data(sid, data)
+                tunnel._send_size -= len(data)
             if not queue and tunnel._eof_requested and not tunnel._local_ended:
                 conn.end_stream(sid)
                 tunnel._local_end_sent()

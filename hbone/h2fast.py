@@ -9,6 +9,11 @@
 3. `h2`'s FrameBuffer slices a copy of each frame's body out of its buffer before parsing it (DATA parsing
    copies it again), and deletes each frame from the front of the buffer. Ours parses from a memoryview
    and compacts the buffer once per `receive_data` call instead of once per frame.
+4. DATA frames on an open stream are the bulk of a tunnel's frames, and for them h2's work is bookkeeping:
+   two state machines that stay where they are, two flow-control windows, an event object. `DataPath`
+   does that bookkeeping on h2's own counters, in h2's order and with h2's errors, for the plain case
+   only (stream open both ways or half-closed as the direction allows, no padding, no END_STREAM, no
+   content-length to track); every other frame and every other case goes through h2 unchanged.
 """
 
 from __future__ import annotations
@@ -16,9 +21,10 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 
-from h2.connection import H2Connection
+from h2.connection import ConnectionState, H2Connection
 from h2.exceptions import FrameDataMissingError, ProtocolError
 from h2.frame_buffer import FrameBuffer
+from h2.stream import StreamState
 from hyperframe.exceptions import InvalidDataError, InvalidFrameError
 from hyperframe.frame import DataFrame, Frame, GoAwayFrame
 
@@ -32,6 +38,10 @@ DataFrame.__repr__ = _data_repr  # type: ignore[method-assign]
 _FRAME_HEADER = struct.Struct("!HBBBL")
 _DATA_TYPE = 0x0
 _END_STREAM = 0x1
+_PADDED = 0x8
+_CONNECTION_OPEN = frozenset({ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN})
+_MAY_RECEIVE = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL})
+_MAY_SEND = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE})
 SMALL_FRAME = 16 * 1024  # below this a DATA payload is joined to its header (one copy, one TLS record)
 
 
@@ -48,6 +58,25 @@ class FastFrameBuffer(FrameBuffer):
             del self._data[: self._offset]
             self._offset = 0
         super().add_data(data)
+
+    def next_item(self) -> Frame | tuple[int, bytes] | None:
+        """The next complete frame, or `(stream_id, payload)` for a plain DATA frame (no padding, no
+        END_STREAM, not inside a header block), or None when no complete frame is buffered."""
+        start = self._offset
+        data = self._data
+        if len(data) - start >= 9 and data[start + 3] == _DATA_TYPE and not data[start + 4] & (_PADDED | _END_STREAM):
+            length = (data[start] << 16) | (data[start + 1] << 8) | data[start + 2]
+            stream_id = int.from_bytes(data[start + 5 : start + 9], "big") & 0x7FFFFFFF
+            if stream_id and not self._headers_buffer and length <= self.max_frame_size:
+                end = start + 9 + length
+                if end > len(data):
+                    return None
+                self._offset = end
+                return stream_id, bytes(data[start + 9 : end])
+        try:
+            return self.__next__()
+        except StopIteration:
+            return None
 
     def __next__(self) -> Frame:
         while True:
@@ -114,6 +143,18 @@ class Outbox:
             else:
                 chunks.append(f.serialize())
 
+    def add_data(self, stream_id: int, data: bytes) -> None:
+        """A DATA frame (no flags) for `data`, which `DataPath.send` has accounted for."""
+        if self._conn._data_to_send:
+            self._move_direct()
+        n = len(data)
+        header = _FRAME_HEADER.pack(n >> 8, n & 0xFF, _DATA_TYPE, 0, stream_id)
+        if n > SMALL_FRAME:
+            self.chunks.append(header)
+            self.chunks.append(data)
+        else:
+            self.chunks.append(header + data)
+
     def _move_direct(self) -> None:
         # h2 writes its connection preamble straight into its own buffer; keep it first.
         if self._conn._data_to_send:
@@ -124,6 +165,65 @@ class Outbox:
             self._move_direct()
         chunks, self.chunks = self.chunks, []
         return chunks
+
+
+class DataPath:
+    """h2's bookkeeping for plain DATA frames, done directly (point 4 above).
+
+    `receive` and `send` return False when the case is not the plain one; the caller then hands the frame
+    to h2 (`H2Connection._receive_frame`, `H2Connection.send_data`), which applies every rule itself."""
+
+    def __init__(self, conn: H2Connection, outbox: Outbox) -> None:
+        self._conn = conn
+        self._outbox = outbox
+
+    def receive(self, stream_id: int, data: bytes) -> bool:
+        """Account for a received plain DATA frame on an open stream. Raises h2's FlowControlError (after
+        h2's connection-level handling) when the peer overran a window, as h2 would."""
+        conn = self._conn
+        stream = conn.streams.get(stream_id)
+        if (
+            stream is None
+            or conn.state_machine.state not in _CONNECTION_OPEN
+            or stream.state_machine.state not in _MAY_RECEIVE
+            or not stream.state_machine.headers_received
+            or stream._expected_content_length is not None
+        ):
+            return False
+        n = len(data)
+        try:
+            conn._inbound_flow_control_window_manager.window_consumed(n)
+            stream._inbound_window_manager.window_consumed(n)
+        except ProtocolError as exc:
+            conn._terminate_connection(exc.error_code)
+            raise
+        stream._actual_content_length += n
+        return True
+
+    def room(self, stream_id: int) -> int:
+        """Bytes one DATA frame on `stream_id` may carry now (both windows and the frame size)."""
+        conn = self._conn
+        stream = conn.streams.get(stream_id)
+        if stream is None:
+            return conn.local_flow_control_window(stream_id)  # h2 raises the right error
+        return min(conn.outbound_flow_control_window, stream.outbound_flow_control_window,
+                   conn.max_outbound_frame_size)  # fmt: skip
+
+    def send(self, stream_id: int, data: bytes) -> bool:
+        """Queue a DATA frame (no flags) that fits `room()`; False when h2 must do it."""
+        conn = self._conn
+        stream = conn.streams.get(stream_id)
+        if (
+            stream is None
+            or conn.state_machine.state not in _CONNECTION_OPEN
+            or stream.state_machine.state not in _MAY_SEND
+        ):
+            return False
+        n = len(data)
+        conn.outbound_flow_control_window -= n
+        stream.outbound_flow_control_window -= n
+        self._outbox.add_data(stream_id, data)
+        return True
 
 
 def make_connection(config: object, on_goaway: Callable[[GoAwayFrame], None]) -> H2Connection:

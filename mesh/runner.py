@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import TextIO
 
 from hbone.allocator import tune_allocator
+from hbone.gctune import tune_gc
 from mesh.accesslog import configure_access_log
 from mesh.settings import Settings
 
@@ -78,6 +79,7 @@ def run_daemon(main: DaemonMain, settings: Settings, *, use_uvloop: bool = True)
     configure_logging(getattr(settings, "log_level", "info"))
     configure_access_log()
     tune_allocator()
+    tune_gc()
     with asyncio.Runner(loop_factory=_loop_factory(use_uvloop)) as runner:
         return runner.run(_supervise(main, settings))
 
