@@ -19,7 +19,7 @@ from typing import TextIO
 
 from hbone.allocator import tune_allocator
 from hbone.gctune import tune_gc
-from mesh.accesslog import configure_access_log
+from mesh.accesslog import configure_access_log, flush_access_log
 from mesh.settings import Settings
 
 log = logging.getLogger("mesh.runner")
@@ -80,8 +80,11 @@ def run_daemon(main: DaemonMain, settings: Settings, *, use_uvloop: bool = True)
     configure_access_log()
     tune_allocator()
     tune_gc()
-    with asyncio.Runner(loop_factory=_loop_factory(use_uvloop)) as runner:
-        return runner.run(_supervise(main, settings))
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory(use_uvloop)) as runner:
+            return runner.run(_supervise(main, settings))
+    finally:
+        flush_access_log()
 
 
 def _loop_factory(use_uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -111,6 +114,7 @@ async def _supervise(main: DaemonMain, settings: Settings) -> int:
         log.warning("%s again: exiting without draining", sig.name)
         for handler in logging.getLogger().handlers:
             handler.flush()
+        flush_access_log()
         # os._exit, not SystemExit: the operator asked for now, and unwinding could block on the very
         # connections that are not draining.
         os._exit(128 + sig)

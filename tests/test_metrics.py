@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from hbone.baggage import parse as parse_baggage
+from mesh import accesslog
 from mesh.accesslog import AccessLog, configure_access_log, format_text
 from mesh.http_server import serve_http, stats_routes
 from mesh.metrics import (
@@ -284,6 +285,29 @@ def test_access_log_writes_text_and_json_lines(restore_logging: None) -> None:
     assert record["dst.addr"] == "10.0.0.2:80" and record["bytes_recv"] == 3 and "none" not in record
     with pytest.raises(ValueError, match="xml"):
         AccessLog("xml")
+
+
+async def test_access_lines_are_written_in_batches_inside_a_loop(restore_logging: None) -> None:
+    stream = io.StringIO()
+    configure_access_log(stream)
+    log = AccessLog("text")
+    for i in range(3):
+        log.write({"n": i})
+    assert stream.getvalue() == ""  # held: one write for the batch, not one per line
+    await asyncio.sleep(accesslog.FLUSH_INTERVAL + 0.3)
+    assert [line.rsplit(" ", 1)[1] for line in stream.getvalue().splitlines()] == ["n=0", "n=1", "n=2"]
+    # A full buffer goes out at once, without waiting for the interval.
+    big = "x" * 1000
+    written = 0
+    while big not in stream.getvalue():
+        assert written <= accesslog.FLUSH_BYTES // 1000, "a full buffer was not written"
+        log.write({"big": big})
+        written += 1
+    assert stream.getvalue().count(big) == written
+    # And what is pending when the process exits is written by the flush the runner calls.
+    log.write({"last": 1})
+    accesslog.flush_access_log()
+    assert stream.getvalue().endswith(" last=1\n")
 
 
 def test_recorder_follows_live_counters_at_each_flush() -> None:
