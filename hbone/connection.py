@@ -24,7 +24,7 @@ from hyperframe.exceptions import InvalidPaddingError
 from hyperframe.frame import DataFrame, GoAwayFrame
 
 from .errors import ConnectionClosed, ConnectRefused, H2HandshakeFailure, StreamReset
-from .h2fast import DataPath, FastFrameBuffer, install_outbox, make_connection
+from .h2fast import DataPath, FastFrameBuffer, PreambleError, install_outbox, make_connection
 from .identity import Identity
 from .tunnel import Tunnel
 
@@ -144,19 +144,24 @@ class HboneConnection(asyncio.Protocol):
             return
         conn = self._h2
         buffer: FastFrameBuffer = conn.incoming_buffer  # type: ignore[assignment]
+        buffer.max_frame_size = conn.max_inbound_frame_size
         try:
-            buffer.add_data(data)  # checks the client preamble
+            items = buffer.feed(data)
+        except InvalidPaddingError:
+            conn._terminate_connection(ErrorCodes.PROTOCOL_ERROR)
+            self._protocol_error(h2.exceptions.ProtocolError("Received frame with invalid padding."))
+            return
         except h2.exceptions.ProtocolError as exc:
+            if not isinstance(exc, PreambleError):
+                conn._terminate_connection(exc.error_code)  # as h2's receive_data: GOAWAY first
             self._protocol_error(exc)
             return
-        buffer.max_frame_size = conn.max_inbound_frame_size
         self._batch = True
         try:
-            while not self._closed:
+            for item in items:
+                if self._closed:
+                    break
                 try:
-                    item = buffer.next_item()
-                    if item is None:
-                        break
                     if type(item) is tuple:
                         stream_id, payload = item
                         if self._data_path.receive(stream_id, payload):
@@ -164,12 +169,8 @@ class HboneConnection(asyncio.Protocol):
                             continue
                         item = DataFrame(stream_id, payload)
                     events = conn._receive_frame(item)
-                except InvalidPaddingError:
-                    conn._terminate_connection(ErrorCodes.PROTOCOL_ERROR)
-                    self._protocol_error(h2.exceptions.ProtocolError("Received frame with invalid padding."))
-                    return
                 except h2.exceptions.ProtocolError as exc:
-                    conn._terminate_connection(exc.error_code)  # h2's receive_data does the same: GOAWAY
+                    conn._terminate_connection(exc.error_code)
                     self._protocol_error(exc)
                     return
                 for event in events:

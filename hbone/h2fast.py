@@ -45,6 +45,10 @@ _MAY_SEND = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE})
 SMALL_FRAME = 16 * 1024  # below this a DATA payload is joined to its header (one copy, one TLS record)
 
 
+class PreambleError(ProtocolError):
+    """The client's first bytes are not HTTP/2's connection preamble (h2 answers nothing to that)."""
+
+
 class FastFrameBuffer(FrameBuffer):
     """FrameBuffer that parses frames in place and trims consumed bytes once per batch."""
 
@@ -59,6 +63,35 @@ class FastFrameBuffer(FrameBuffer):
             self._offset = 0
         super().add_data(data)
 
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame | tuple[int, bytes]]:
+        """Add `data` and take every complete frame (as `next_item` gives them). When nothing is left over
+        from earlier calls, frames are parsed from `data` itself and only an incomplete tail is kept: a
+        batch is not first copied into the buffer. On a protocol error nothing of the batch is returned,
+        as h2's `receive_data` returns no events then."""
+        if self._offset:
+            del self._data[: self._offset]
+            self._offset = 0
+        items: list[Frame | tuple[int, bytes]] = []
+        if self._data or self._preamble_len:
+            try:
+                super().add_data(data)  # checks the client preamble
+            except ProtocolError as exc:
+                raise PreambleError(str(exc)) from exc
+            while (item := self.next_item()) is not None:
+                items.append(item)
+            return items
+        own = self._data
+        self._data = data  # type: ignore[assignment]  # read-only use until restored below
+        try:
+            while (item := self.next_item()) is not None:
+                items.append(item)
+            tail = bytearray(data[self._offset :])
+        finally:
+            self._data = own
+        self._offset = 0
+        own += tail
+        return items
+
     def next_item(self) -> Frame | tuple[int, bytes] | None:
         """The next complete frame, or `(stream_id, payload)` for a plain DATA frame (no padding, no
         END_STREAM, not inside a header block), or None when no complete frame is buffered."""
@@ -72,7 +105,8 @@ class FastFrameBuffer(FrameBuffer):
                 if end > len(data):
                     return None
                 self._offset = end
-                return stream_id, bytes(data[start + 9 : end])
+                with memoryview(data) as view:
+                    return stream_id, bytes(view[start + 9 : end])  # one copy (a bytearray slice is two)
         try:
             return self.__next__()
         except StopIteration:
@@ -178,8 +212,8 @@ class DataPath:
         self._outbox = outbox
 
     def receive(self, stream_id: int, data: bytes) -> bool:
-        """Account for a received plain DATA frame on an open stream. Raises h2's FlowControlError (after
-        h2's connection-level handling) when the peer overran a window, as h2 would."""
+        """Account for a received plain DATA frame on an open stream. Raises h2's FlowControlError when the
+        peer overran a window, as h2's frame handling would (the caller then ends the connection)."""
         conn = self._conn
         stream = conn.streams.get(stream_id)
         if (
@@ -191,12 +225,8 @@ class DataPath:
         ):
             return False
         n = len(data)
-        try:
-            conn._inbound_flow_control_window_manager.window_consumed(n)
-            stream._inbound_window_manager.window_consumed(n)
-        except ProtocolError as exc:
-            conn._terminate_connection(exc.error_code)
-            raise
+        conn._inbound_flow_control_window_manager.window_consumed(n)
+        stream._inbound_window_manager.window_consumed(n)
         stream._actual_content_length += n
         return True
 

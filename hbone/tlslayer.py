@@ -22,6 +22,9 @@ READ_CHUNK = 256 * 1024
 # One buffer for every session's decryption: the event loop runs one callback at a time, and each batch is
 # copied out before anything else can run.
 _SCRATCH_VIEW = memoryview(bytearray(READ_CHUNK))
+# One buffer for every socket's encrypted bytes, read straight into it (see _SocketLower).
+SOCKET_READ = 256 * 1024
+_SOCKET_VIEW = memoryview(bytearray(SOCKET_READ))
 
 
 class Buffered(asyncio.Protocol):
@@ -93,7 +96,7 @@ class TlsOverTransport(asyncio.Transport):
         self._eof = False
         self.lost_exc: Exception | None = None
         previous = lower.get_protocol()
-        lower.set_protocol(_Lower(self))
+        lower.set_protocol(_SocketLower(self) if lower.get_extra_info("socket") is not None else _Lower(self))
         self._do_handshake()
         # Bytes the lower transport delivered before we took it over (a client's first flight) come first.
         if isinstance(previous, Buffered):
@@ -120,7 +123,7 @@ class TlsOverTransport(asyncio.Transport):
             self.handshake.set_result(None)
         self._read_app()
 
-    def _on_lower_data(self, data: bytes) -> None:
+    def _on_lower_data(self, data: bytes | memoryview) -> None:
         self._in.write(data)
         if not self.handshake.done():
             self._do_handshake()
@@ -282,6 +285,17 @@ class _Lower(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._tls._protocol.resume_writing()
+
+
+class _SocketLower(_Lower, asyncio.BufferedProtocol):
+    """For a socket transport: the loop reads into our buffer, which the TLS BIO copies at once, instead of
+    allocating a bytes object per read that the BIO then copies again."""
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _SOCKET_VIEW
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._tls._on_lower_data(_SOCKET_VIEW[:nbytes])
 
 
 async def wrap_tls(

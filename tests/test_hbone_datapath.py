@@ -1,0 +1,887 @@
+"""The DATA fast path (hbone/h2fast.py `DataPath`, `FastFrameBuffer.next_item`, `Outbox.add_data`) against h2's rules.
+
+A plain DATA frame on an open stream skips h2's per-frame machinery and is accounted for on h2's own counters;
+every other DATA frame goes through h2. These tests watch that from the outside, over real sockets and real
+TLS: a hand-written HTTP/2 peer (`RawPeer`) sends frames a well-behaved peer never would, keeps its own
+account of every flow-control window and checks every frame that comes back. A wrong count on either path
+shows up as an error where there must be none, no error where h2 raises one, a stall, or a window that the
+peer and h2 no longer agree on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import os
+import random
+import ssl
+import struct
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import hpack
+import pytest
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from hyperframe.frame import (
+    ContinuationFrame,
+    DataFrame,
+    Frame,
+    GoAwayFrame,
+    HeadersFrame,
+    PingFrame,
+    RstStreamFrame,
+    SettingsFrame,
+    WindowUpdateFrame,
+)
+
+from hbone.client import dial
+from hbone.connection import H2Settings
+from hbone.errors import ConnectionClosed
+from hbone.tunnel import Tunnel
+from tests.support.apps import TcpApp, TunnelServer, echo, stream_pair
+from tests.support.pki import TestPki, ident
+
+SERVER = ident("server")
+CLIENT = ident("client")
+KiB = 1024
+MiB = 1024 * KiB
+
+# The test server answers a CONNECT to this authority with 200 and then never reads the stream: nothing
+# sent on it is acknowledged, so the peer's windows only shrink.
+HOLD = "127.0.0.77:7"
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+DATA, HEADERS = 0x0, 0x1
+END_STREAM, END_HEADERS, PADDED = 0x1, 0x4, 0x8
+ENABLE_PUSH, INITIAL_WINDOW_SIZE, MAX_FRAME_SIZE = 0x2, 0x4, 0x5
+DEFAULT_WINDOW = 65535
+DEFAULT_FRAME = 16384
+WAIT = 10.0  # seconds for any one thing to arrive
+
+
+def bounded(seconds: float) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The test fails instead of hanging when its body takes longer than `seconds`."""
+
+    def wrap(test: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(test)
+        async def run(*args: Any, **kwargs: Any) -> None:
+            await asyncio.wait_for(test(*args, **kwargs), seconds)
+
+        return run
+
+    return wrap
+
+
+def frame(ftype: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+    """One frame, byte by byte: nothing here checks that it makes sense."""
+    n = len(payload)
+    return struct.pack("!HBBBL", n >> 8, n & 0xFF, ftype, flags, stream_id) + payload
+
+
+class RawPeer:
+    """One end of an HTTP/2 connection written frame by frame, with its own account of every window.
+
+    It answers SETTINGS and PING, decodes header blocks, and (by default) gives back flow-control credit for
+    each DATA frame at once. Whatever the other side does wrong (a DATA frame over a window this peer
+    granted, a frame over its MAX_FRAME_SIZE, DATA on a stream it never opened) is listed in `violations`.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, client: bool) -> None:
+        self.reader, self.writer = reader, writer
+        self.client = client
+        self.encoder, self.decoder = hpack.Encoder(), hpack.Decoder()
+        self._buf = bytearray()
+        self._expect_preface = not client
+        self._header_block: tuple[int, bytearray, bool] | None = None
+        self.next_stream_id = 1
+        # What the other side lets us send.
+        self.peer_initial_window = DEFAULT_WINDOW
+        self.peer_max_frame = DEFAULT_FRAME
+        self.send_conn_window = DEFAULT_WINDOW
+        self.send_windows: dict[int, int] = {}
+        self.settings_received = 0
+        # What we let the other side send (our SETTINGS count from their ACK).
+        self.local_window = DEFAULT_WINDOW
+        self.local_max_frame = DEFAULT_FRAME
+        self.recv_conn_window = DEFAULT_WINDOW
+        self.recv_windows: dict[int, int] = {}
+        self._pending_local: list[dict[int, int]] = []
+        self.auto_window_update = True
+        # What arrived.
+        self.headers: dict[int, list[tuple[bytes, bytes]]] = {}
+        self.data: dict[int, bytearray] = defaultdict(bytearray)
+        self.data_frames = 0
+        self.ended: set[int] = set()
+        self.resets: dict[int, int] = {}
+        self.goaways: list[tuple[int, int]] = []  # (last_stream_id, error_code)
+        self.window_updates: list[tuple[int, int]] = []
+        self.ping_acks: set[bytes] = set()
+        self.violations: list[str] = []
+        self.eof = False
+        self.read_error: BaseException | None = None
+        self._changed = asyncio.Event()
+        self._reading = asyncio.get_running_loop().create_task(self._read_loop())
+
+    # -- opening -------------------------------------------------------------------------------------------
+    @classmethod
+    async def connect(cls, address: tuple[str, int], ctx: ssl.SSLContext, *, window: int = DEFAULT_WINDOW) -> RawPeer:
+        reader, writer = await asyncio.open_connection(*address, ssl=ctx, server_hostname="")
+        peer = cls(reader, writer, client=True)
+        peer.write(PREFACE)
+        peer.send_settings({ENABLE_PUSH: 0, INITIAL_WINDOW_SIZE: window})
+        await peer.until(lambda: peer.settings_received and not peer._pending_local, "the SETTINGS exchange")
+        return peer
+
+    # -- sending -------------------------------------------------------------------------------------------
+    def write(self, raw: bytes) -> None:
+        self.writer.write(raw)
+
+    def send_settings(self, values: dict[int, int]) -> None:
+        self.write(SettingsFrame(0, settings=values).serialize())
+        self._pending_local.append(values)
+
+    def open_stream(self, authority: str, extra: Iterable[tuple[str, str]] = (), *, sid: int | None = None) -> int:
+        sid = self.next_stream_id if sid is None else sid
+        self.next_stream_id = max(self.next_stream_id, sid + 2)
+        block = self.encoder.encode([(":method", "CONNECT"), (":authority", authority), *extra])
+        self.write(frame(HEADERS, END_HEADERS, sid, block))
+        self.send_windows[sid] = self.peer_initial_window
+        self.recv_windows[sid] = self.local_window
+        return sid
+
+    async def connect_stream(
+        self, authority: str, extra: Iterable[tuple[str, str]] = (), *, sid: int | None = None
+    ) -> int:
+        sid = self.open_stream(authority, extra, sid=sid)
+        await self.until(lambda: sid in self.headers or sid in self.resets, f"the answer on stream {sid}")
+        assert self.status(sid) == 200, (self.headers.get(sid), self.resets.get(sid))
+        assert sid not in self.ended
+        return sid
+
+    def respond(self, sid: int, status: int = 200) -> None:
+        self.write(frame(HEADERS, END_HEADERS, sid, self.encoder.encode([(":status", str(status))])))
+
+    def send_data(self, sid: int, data: bytes = b"", *, end_stream: bool = False, pad: int | None = None) -> int:
+        """One DATA frame, whatever the windows say; returns its flow-controlled length."""
+        flags = END_STREAM if end_stream else 0
+        payload = data
+        if pad is not None:
+            flags |= PADDED
+            payload = bytes([pad]) + data + bytes(pad)
+        self.write(frame(DATA, flags, sid, payload))
+        self.send_conn_window -= len(payload)
+        if sid in self.send_windows:
+            self.send_windows[sid] -= len(payload)
+        return len(payload)
+
+    def room(self, sid: int) -> int:
+        return min(self.send_conn_window, self.send_windows[sid])
+
+    async def send_when_allowed(self, sid: int, data: bytes, *, pad: int | None = None) -> None:
+        """One DATA frame, once both windows the other side granted have room for it."""
+        need = len(data) + (0 if pad is None else 1 + pad)
+        if self.room(sid) < need:
+            await self.until(lambda: self.room(sid) >= need, f"window for {need} bytes on stream {sid}")
+        self.send_data(sid, data, pad=pad)
+        await self.writer.drain()
+
+    def grant(self, sid: int, n: int) -> None:
+        """WINDOW_UPDATE by `n` for stream `sid` (0: the connection)."""
+        self.write(WindowUpdateFrame(sid, window_increment=n).serialize())
+        if sid:
+            self.recv_windows[sid] += n
+        else:
+            self.recv_conn_window += n
+
+    async def ping(self) -> None:
+        """A PING round trip: everything the other side sent before its answer has been read."""
+        token = os.urandom(8)
+        self.write(PingFrame(0, opaque_data=token).serialize())
+        await self.until(lambda: token in self.ping_acks, "a PING ACK")
+
+    # -- receiving -----------------------------------------------------------------------------------------
+    async def until(self, cond: Callable[[], object], what: str, timeout: float = WAIT) -> None:
+        async def wait() -> None:
+            while not cond():
+                if self.eof:
+                    raise AssertionError(f"connection ended while waiting for {what}: {self.summary()}")
+                self._changed.clear()
+                await self._changed.wait()
+
+        try:
+            await asyncio.wait_for(wait(), timeout)
+        except TimeoutError:
+            raise AssertionError(f"timed out waiting for {what}: {self.summary()}") from None
+
+    async def closed(self) -> None:
+        """Wait for the other side to end the connection."""
+        await self.until(lambda: self.eof, "the connection to end")
+
+    def status(self, sid: int) -> int | None:
+        for k, v in self.headers.get(sid, []):
+            if k == b":status":
+                return int(v)
+        return None
+
+    def summary(self) -> str:
+        return (
+            f"goaways={self.goaways} resets={self.resets} ended={sorted(self.ended)} "
+            f"violations={self.violations[:3]} read_error={self.read_error!r}"
+        )
+
+    async def _read_loop(self) -> None:
+        try:
+            while chunk := await self.reader.read(1 << 16):
+                self._buf += chunk
+                self._parse()
+                self._changed.set()
+        except Exception as exc:  # a reset or TLS error is also how a connection can end
+            self.read_error = exc
+        finally:
+            self.eof = True
+            self._changed.set()
+
+    def _parse(self) -> None:
+        buf = self._buf
+        if self._expect_preface:
+            if len(buf) < len(PREFACE):
+                return
+            assert bytes(buf[: len(PREFACE)]) == PREFACE
+            del buf[: len(PREFACE)]
+            self._expect_preface = False
+        pos = 0
+        while len(buf) - pos >= 9:
+            f, length = Frame.parse_frame_header(memoryview(bytes(buf[pos : pos + 9])))
+            if len(buf) - pos - 9 < length:
+                break
+            f.parse_body(memoryview(bytes(buf[pos + 9 : pos + 9 + length])))
+            pos += 9 + length
+            self._on_frame(f, length)
+        del buf[:pos]
+
+    def _on_frame(self, f: Frame, length: int) -> None:
+        if isinstance(f, DataFrame):
+            self._on_data(f, length)
+        elif isinstance(f, HeadersFrame):
+            self._header_block = (f.stream_id, bytearray(f.data), "END_STREAM" in f.flags)
+            if "END_HEADERS" in f.flags:
+                self._on_header_block()
+        elif isinstance(f, ContinuationFrame):
+            assert self._header_block is not None
+            self._header_block[1].extend(f.data)
+            if "END_HEADERS" in f.flags:
+                self._on_header_block()
+        elif isinstance(f, SettingsFrame):
+            self._on_settings(f)
+        elif isinstance(f, WindowUpdateFrame):
+            self.window_updates.append((f.stream_id, f.window_increment))
+            if f.stream_id == 0:
+                self.send_conn_window += f.window_increment
+            else:
+                self.send_windows[f.stream_id] = (
+                    self.send_windows.get(f.stream_id, self.peer_initial_window) + f.window_increment
+                )
+        elif isinstance(f, PingFrame):
+            if "ACK" in f.flags:
+                self.ping_acks.add(bytes(f.opaque_data))
+            else:
+                self.write(PingFrame(0, flags=["ACK"], opaque_data=f.opaque_data).serialize())
+        elif isinstance(f, RstStreamFrame):
+            self.resets[f.stream_id] = f.error_code
+        elif isinstance(f, GoAwayFrame):
+            self.goaways.append((f.last_stream_id, f.error_code))
+
+    def _on_header_block(self) -> None:
+        assert self._header_block is not None
+        sid, block, end = self._header_block
+        self._header_block = None
+        headers = self.decoder.decode(bytes(block), raw=True)
+        if sid not in self.headers:
+            self.headers[sid] = headers
+        if sid not in self.recv_windows:  # a stream the other side opened
+            self.recv_windows[sid] = self.local_window
+            self.send_windows[sid] = self.peer_initial_window
+        if end:
+            self.ended.add(sid)
+
+    def _on_settings(self, f: SettingsFrame) -> None:
+        if "ACK" in f.flags:
+            values = self._pending_local.pop(0)
+            if INITIAL_WINDOW_SIZE in values:
+                delta = values[INITIAL_WINDOW_SIZE] - self.local_window
+                self.local_window = values[INITIAL_WINDOW_SIZE]
+                for sid in self.recv_windows:
+                    self.recv_windows[sid] += delta
+            self.local_max_frame = values.get(MAX_FRAME_SIZE, self.local_max_frame)
+            return
+        for key, value in f.settings.items():
+            if key == INITIAL_WINDOW_SIZE:
+                delta = value - self.peer_initial_window
+                self.peer_initial_window = value
+                for sid in self.send_windows:
+                    self.send_windows[sid] += delta
+            elif key == MAX_FRAME_SIZE:
+                self.peer_max_frame = value
+        self.settings_received += 1
+        self.write(SettingsFrame(0, flags=["ACK"]).serialize())
+
+    def _on_data(self, f: DataFrame, length: int) -> None:
+        sid, flow = f.stream_id, f.flow_controlled_length
+        self.data_frames += 1
+        if length > self.local_max_frame:
+            self.violations.append(f"DATA frame of {length} bytes over our MAX_FRAME_SIZE {self.local_max_frame}")
+        self.recv_conn_window -= flow
+        if self.recv_conn_window < 0:
+            self.violations.append(f"connection window overrun: {self.recv_conn_window}")
+        if sid not in self.recv_windows:
+            self.violations.append(f"DATA on stream {sid}, which we never opened")
+        else:
+            self.recv_windows[sid] -= flow
+            if self.recv_windows[sid] < 0:
+                self.violations.append(f"stream {sid} window overrun: {self.recv_windows[sid]}")
+        if sid in self.ended:
+            self.violations.append(f"DATA on stream {sid} after its END_STREAM")
+        self.data[sid] += f.data
+        end = "END_STREAM" in f.flags
+        if end:
+            self.ended.add(sid)
+        if self.auto_window_update and flow:
+            self.write(WindowUpdateFrame(0, window_increment=flow).serialize())
+            self.recv_conn_window += flow
+            if not end and sid in self.recv_windows:
+                self.write(WindowUpdateFrame(sid, window_increment=flow).serialize())
+                self.recv_windows[sid] += flow
+
+    async def close(self) -> None:
+        self._reading.cancel()
+        with contextlib.suppress(BaseException):
+            await self._reading
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.writer.wait_closed(), 2)
+
+
+class HoldingServer(TunnelServer):
+    """The suite's HBONE test server, plus streams to `HOLD` that are answered and then never read."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.held: list[Tunnel] = []
+
+    async def _serve(self, tunnel: Tunnel) -> None:
+        if tunnel.authority == HOLD:
+            tunnel.respond(200)
+            self.held.append(tunnel)
+            return
+        await super()._serve(tunnel)
+
+    def h2(self) -> H2Connection:
+        """h2's state for the one client connection the test has open."""
+        (conn,) = self.server.connections
+        return conn._h2
+
+
+@pytest.fixture
+async def server(pki: TestPki):
+    srv = await HoldingServer(SERVER, lambda: pki.server_ctx(SERVER)).start()
+    yield srv
+    await srv.close()
+
+
+@pytest.fixture
+async def echo_app():
+    app = await TcpApp(echo).start()
+    yield app
+    await app.close()
+
+
+@pytest.fixture
+async def raw_peer(pki: TestPki):
+    """Opens RawPeer clients; closes them after the test."""
+    opened: list[RawPeer] = []
+
+    async def open_peer(address: tuple[str, int], *, window: int = DEFAULT_WINDOW) -> RawPeer:
+        peer = await RawPeer.connect(address, pki.client_ctx(CLIENT), window=window)
+        opened.append(peer)
+        return peer
+
+    yield open_peer
+    for peer in opened:
+        await peer.close()
+
+
+async def assert_still_serving(pki: TestPki, address: tuple[str, int], app: TcpApp) -> None:
+    """Another client's CONNECT + echo round trip through the same server."""
+    conn = await asyncio.wait_for(dial(address, pki.client_ctx(CLIENT), [SERVER]), WAIT)
+    try:
+        tunnel = await asyncio.wait_for(conn.open_stream(f"127.0.0.1:{app.port}"), WAIT)
+        reader, writer = stream_pair(tunnel)
+        body = os.urandom(300 * KiB)
+        writer.write(body)
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), WAIT) == body
+    finally:
+        conn.close()
+
+
+async def fill(peer: RawPeer, sid: int, total: int, rng: random.Random) -> int:
+    """Send exactly `total` flow-controlled bytes on `sid`, in plain and padded frames of random sizes, so
+    that both paths count against the same windows. Returns the payload bytes (padding excluded)."""
+    payload = 0
+    left = total
+    while left:
+        if left >= 2 and rng.random() < 0.3:
+            pad = rng.randint(0, min(255, left - 1))
+            n = rng.randint(0, min(left - 1 - pad, 64 * KiB))
+            left -= peer.send_data(sid, rng.randbytes(n), pad=pad)
+        else:
+            n = min(left, rng.randint(1, 100 * KiB))
+            left -= peer.send_data(sid, rng.randbytes(n))
+        payload += n
+        await peer.writer.drain()
+    return payload
+
+
+def overrun(peer: RawPeer, sid: int, kind: str) -> None:
+    """One frame that needs a single byte more window than there is."""
+    if kind == "plain":  # the fast path's case
+        peer.send_data(sid, b"x")
+    elif kind == "padded":  # no data, but the Pad Length byte is flow-controlled
+        peer.send_data(sid, b"", pad=0)
+    else:
+        peer.send_data(sid, b"x", end_stream=True)
+
+
+def assert_connection_error(peer: RawPeer, code: ErrorCodes, last_stream_id: int) -> None:
+    assert peer.goaways, f"no GOAWAY: {peer.summary()}"
+    # h2 may send the same GOAWAY more than once; every one must name this error and stream.
+    assert set(peer.goaways) == {(last_stream_id, code)}, peer.summary()
+
+
+# -- 1. stream window ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["plain", "padded", "end_stream"])
+@bounded(60)
+async def test_stream_window_overrun_is_flow_control_error(pki, server, echo_app, raw_peer, kind) -> None:
+    """Exactly the stream window (4 MiB, never replenished) is accepted, counted by both paths together;
+    one byte more is h2's FLOW_CONTROL_ERROR for the whole connection, and only that connection."""
+    peer = await raw_peer(server.address)
+    sid = await peer.connect_stream(HOLD)
+    assert peer.send_windows[sid] == 4 * MiB and peer.send_conn_window == 16 * MiB
+    payload = await fill(peer, sid, 4 * MiB, random.Random(1))
+    await peer.ping()
+    assert not peer.goaways and not peer.resets, peer.summary()
+    assert peer.send_windows[sid] == 0  # no WINDOW_UPDATE: the stream was never read
+    (held,) = server.held
+    assert held.bytes_received == payload  # padding stripped, nothing lost
+    assert server.h2().streams[sid]._inbound_window_manager.current_window_size == 0
+    overrun(peer, sid, kind)
+    await peer.closed()
+    assert_connection_error(peer, ErrorCodes.FLOW_CONTROL_ERROR, sid)
+    assert not server.server.connections or all(c.is_closed for c in server.server.connections)
+    await assert_still_serving(pki, server.address, echo_app)
+
+
+# -- 2. connection window -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["plain", "padded", "end_stream"])
+@bounded(60)
+async def test_connection_window_overrun_is_flow_control_error(pki, echo_app, raw_peer, kind) -> None:
+    """Stream windows of 256 KiB and a connection window of 384 KiB: one stream fills its own window, a
+    second brings the connection window to exactly 0 while its own still has room; one byte more on the
+    second stream is a connection-level FLOW_CONTROL_ERROR."""
+    settings = H2Settings(stream_window=256 * KiB, connection_window=384 * KiB)
+    srv = await HoldingServer(SERVER, lambda: pki.server_ctx(SERVER), settings=settings).start()
+    try:
+        peer = await raw_peer(srv.address)
+        first = await peer.connect_stream(HOLD)
+        second = await peer.connect_stream(HOLD)
+        assert peer.send_conn_window == 384 * KiB and peer.send_windows[second] == 256 * KiB
+        rng = random.Random(2)
+        await fill(peer, first, 256 * KiB, rng)
+        await fill(peer, second, 128 * KiB, rng)
+        await peer.ping()
+        assert not peer.goaways and not peer.resets, peer.summary()
+        assert peer.send_conn_window == 0 and peer.send_windows[second] == 128 * KiB
+        assert srv.h2()._inbound_flow_control_window_manager.current_window_size == 0
+        overrun(peer, second, kind)
+        await peer.closed()
+        assert_connection_error(peer, ErrorCodes.FLOW_CONTROL_ERROR, second)
+        await assert_still_serving(pki, srv.address, echo_app)
+    finally:
+        await srv.close()
+
+
+@pytest.mark.parametrize("kind", ["plain", "padded", "end_stream"])
+@bounded(30)
+async def test_flow_control_error_is_one_goaway_as_in_h2(pki, raw_peer, kind) -> None:
+    """h2 answers a window overrun with one GOAWAY, whichever path counted the frame. (Two identical
+    GOAWAYs are allowed by RFC 9113 §6.8, so this is a difference from h2, not a protocol violation.)"""
+    settings = H2Settings(stream_window=64 * KiB, connection_window=1 * MiB)
+    srv = await HoldingServer(SERVER, lambda: pki.server_ctx(SERVER), settings=settings).start()
+    try:
+        peer = await raw_peer(srv.address)
+        sid = await peer.connect_stream(HOLD)
+        await fill(peer, sid, 64 * KiB, random.Random(8))
+        await peer.ping()
+        overrun(peer, sid, kind)
+        await peer.closed()
+        assert peer.goaways == [(sid, ErrorCodes.FLOW_CONTROL_ERROR)], peer.summary()
+    finally:
+        await srv.close()
+
+
+# -- 3. padding and END_STREAM (h2's path) -------------------------------------------------------------------
+@pytest.mark.parametrize("last", ["data_end_stream", "empty_end_stream", "padded_end_stream"])
+@bounded(60)
+async def test_padded_and_end_stream_frames_arrive_exactly(server, echo_app, raw_peer, last) -> None:
+    """Padded frames (h2's path) among plain ones (the fast path) reach the application byte-exact and in
+    order, the END_STREAM reaches it as EOF, its EOF comes back as END_STREAM, and the padding is counted
+    in, and given back to, the connection window exactly as the peer counts it."""
+    peer = await raw_peer(server.address)
+    sid = await peer.connect_stream(f"127.0.0.1:{echo_app.port}")
+    rng = random.Random(3)
+    sent = bytearray()
+    fixed: list[tuple[bytes, int | None]] = [
+        (b"alpha", None),
+        (b"bravo", 0),
+        (b"", 7),
+        (b"", None),
+        (b"charlie" * 100, 255),
+        (rng.randbytes(20000), None),
+        (rng.randbytes(1000), 1),
+    ]
+    mixed = [(rng.randbytes(rng.randint(0, 3000)), rng.choice([None, None, 0, 1, 200, 255])) for _ in range(300)]
+    for data, pad in fixed + mixed:
+        await peer.send_when_allowed(sid, data, pad=pad)
+        sent += data
+    tail = rng.randbytes(777)
+    if last == "data_end_stream":
+        peer.send_data(sid, tail, end_stream=True)
+        sent += tail
+    elif last == "empty_end_stream":
+        peer.send_data(sid, b"", end_stream=True)
+    else:
+        peer.send_data(sid, tail, end_stream=True, pad=33)
+        sent += tail
+    await peer.until(lambda: sid in peer.ended or sid in peer.resets, "the echo's END_STREAM")
+    assert sid not in peer.resets and not peer.goaways and not peer.violations, peer.summary()
+    assert bytes(peer.data[sid]) == bytes(sent)
+    for _ in range(100):  # the application saw EOF: it returns its byte count only then
+        if echo_app.results:
+            break
+        await asyncio.sleep(0.02)
+    assert echo_app.results == [len(sent)]
+    await peer.ping()
+    h2conn = server.h2()
+    assert h2conn._inbound_flow_control_window_manager.current_window_size == peer.send_conn_window
+    assert h2conn.outbound_flow_control_window == peer.recv_conn_window
+    # The connection carries on.
+    again = await peer.connect_stream(f"127.0.0.1:{echo_app.port}")
+    peer.send_data(again, b"more", end_stream=True)
+    await peer.until(lambda: again in peer.ended, "the second echo")
+    assert bytes(peer.data[again]) == b"more"
+
+
+# -- 4. DATA where there is no open stream -------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("idle_above_highest", ("goaway", ErrorCodes.PROTOCOL_ERROR)),
+        ("idle_even_id", ("goaway", ErrorCodes.PROTOCOL_ERROR)),
+        ("stream_zero", ("goaway", ErrorCodes.PROTOCOL_ERROR)),
+        ("skipped_below_highest", ("rst", ErrorCodes.STREAM_CLOSED)),
+        ("after_client_reset", ("rst", ErrorCodes.STREAM_CLOSED)),
+        ("after_end_stream", ("rst", ErrorCodes.STREAM_CLOSED)),
+    ],
+)
+@bounded(60)
+async def test_data_on_a_stream_that_is_not_open(pki, server, echo_app, raw_peer, case, expected) -> None:
+    """A plain DATA frame (the shape the fast path takes) where no stream is open gets h2's answer: a
+    connection error PROTOCOL_ERROR on an idle stream or stream 0 (RFC 9113 §5.1, §6.1), a stream error
+    STREAM_CLOSED on a closed or half-closed (remote) stream, after which the connection carries on."""
+    peer = await raw_peer(server.address)
+    sid = await peer.connect_stream(HOLD)
+    target = {"idle_above_highest": 101, "idle_even_id": 2, "stream_zero": 0}.get(case, sid)
+    last_stream_id = sid
+    if case == "skipped_below_highest":
+        higher = await peer.connect_stream(HOLD, sid=sid + 4)  # the one in between is closed unopened
+        target, last_stream_id = sid + 2, higher
+    elif case == "after_client_reset":
+        peer.write(RstStreamFrame(sid, error_code=ErrorCodes.CANCEL).serialize())
+    elif case == "after_end_stream":
+        peer.send_data(sid, b"last", end_stream=True)
+    await peer.ping()
+    assert not peer.goaways and not peer.resets, peer.summary()
+    peer.send_data(target, b"where does this go")
+    kind, code = expected
+    if kind == "goaway":
+        await peer.closed()
+        assert_connection_error(peer, code, last_stream_id)
+        await assert_still_serving(pki, server.address, echo_app)
+        return
+    await peer.until(lambda: target in peer.resets, f"RST_STREAM on stream {target}")
+    assert peer.resets == {target: code} and not peer.goaways, peer.summary()
+    await peer.ping()
+    assert server.h2()._inbound_flow_control_window_manager.current_window_size == peer.send_conn_window
+    # Only that stream: the connection still tunnels.
+    fresh = await peer.connect_stream(f"127.0.0.1:{echo_app.port}")
+    peer.send_data(fresh, b"fine", end_stream=True)
+    await peer.until(lambda: fresh in peer.ended, "the echo on a fresh stream")
+    assert bytes(peer.data[fresh]) == b"fine" and not peer.goaways
+
+
+@pytest.mark.parametrize("separate_reads", [False, True], ids=["one_read", "separate_reads"])
+@bounded(30)
+async def test_data_inside_a_header_block_is_protocol_error(pki, server, echo_app, raw_peer, separate_reads) -> None:
+    """A HEADERS frame without END_HEADERS must be followed by CONTINUATION (RFC 9113 §6.10); a plain DATA
+    frame on another, open stream in between is a connection error, not data. In one read the DATA frame is
+    parsed right after the HEADERS frame; in separate reads it meets the fast path's own check."""
+    peer = await raw_peer(server.address)
+    sid = await peer.connect_stream(HOLD)
+    block = peer.encoder.encode([(":method", "CONNECT"), (":authority", HOLD)])
+    peer.write(frame(HEADERS, 0, sid + 2, block))  # no END_HEADERS
+    if separate_reads:
+        await peer.writer.drain()
+        buffer = server.h2().incoming_buffer
+        for _ in range(500):  # until the server holds the open header block
+            if buffer._headers_buffer:
+                break
+            await asyncio.sleep(0.01)
+        assert buffer._headers_buffer
+    peer.send_data(sid, b"not now")
+    await peer.closed()
+    assert_connection_error(peer, ErrorCodes.PROTOCOL_ERROR, sid)
+    assert server.held[0].bytes_received == 0
+    await assert_still_serving(pki, server.address, echo_app)
+
+
+@bounded(30)
+async def test_data_frame_over_max_frame_size_is_frame_size_error(pki, server, echo_app, raw_peer) -> None:
+    """The server announces MAX_FRAME_SIZE 1 MiB: a plain DATA frame of exactly 1 MiB is data, one byte
+    more is FRAME_SIZE_ERROR (RFC 9113 §4.2) even though the stream window has room for it."""
+    peer = await raw_peer(server.address)
+    assert peer.peer_max_frame == 1 * MiB
+    sid = await peer.connect_stream(HOLD)
+    peer.send_data(sid, os.urandom(1 * MiB))
+    await peer.ping()
+    assert not peer.goaways and server.held[0].bytes_received == 1 * MiB
+    peer.send_data(sid, os.urandom(1 * MiB + 1))
+    await peer.closed()
+    assert_connection_error(peer, ErrorCodes.FRAME_SIZE_ERROR, sid)
+    await assert_still_serving(pki, server.address, echo_app)
+
+
+@bounded(30)
+async def test_content_length_is_enforced_by_h2(pki, server, echo_app, raw_peer) -> None:
+    """A stream that announced content-length is h2's to count (RFC 9113 §8.1.1): plain DATA up to the
+    length is data, one byte beyond it is a PROTOCOL_ERROR."""
+    peer = await raw_peer(server.address)
+    sid = await peer.connect_stream(HOLD, [("content-length", "10")])
+    peer.send_data(sid, b"12345")
+    peer.send_data(sid, b"67890")
+    await peer.ping()
+    assert not peer.goaways and not peer.resets, peer.summary()
+    assert server.held[0].bytes_received == 10
+    peer.send_data(sid, b"!")
+    await peer.closed()
+    assert_connection_error(peer, ErrorCodes.PROTOCOL_ERROR, sid)
+    await assert_still_serving(pki, server.address, echo_app)
+
+
+# -- 5. window accounting over many frames ------------------------------------------------------------------
+@bounded(120)
+async def test_ten_thousand_small_frames_keep_the_windows_right(server, echo_app, raw_peer) -> None:
+    """10,000 plain DATA frames of random sizes (about 20 MB, beyond both the 4 MiB stream and 16 MiB
+    connection windows), sent only as far as the server's WINDOW_UPDATEs allow, echo back byte-exact; the
+    echo never overruns the peer's small window; and at the end the server's h2 counters and the peer's
+    agree to the byte, both ways."""
+    peer = await raw_peer(server.address, window=256 * KiB)
+    sid = await peer.connect_stream(f"127.0.0.1:{echo_app.port}")
+    rng = random.Random(5)
+    digest = hashlib.sha256()
+    total = 0
+    for i in range(10_000):
+        data = b"" if i % 1000 == 999 else rng.randbytes(rng.randint(1, 4400))
+        await peer.send_when_allowed(sid, data)
+        digest.update(data)
+        total += len(data)
+    assert total > 20 * MiB
+    await peer.until(lambda: len(peer.data[sid]) >= total, "the whole echo", timeout=60)
+    await peer.ping()
+    assert not peer.violations and not peer.goaways and not peer.resets, peer.summary()
+    assert len(peer.data[sid]) == total and hashlib.sha256(peer.data[sid]).hexdigest() == digest.hexdigest()
+    increments = sum(inc for s, inc in peer.window_updates if s == sid)
+    assert increments >= total - 4 * MiB  # the stream window was given back, again and again
+    h2conn = server.h2()
+    stream = h2conn.streams[sid]
+    assert h2conn._inbound_flow_control_window_manager.current_window_size == peer.send_conn_window
+    assert stream._inbound_window_manager.current_window_size == peer.send_windows[sid]
+    assert h2conn.outbound_flow_control_window == peer.recv_conn_window
+    assert stream.outbound_flow_control_window == peer.recv_windows[sid]
+    peer.send_data(sid, b"", end_stream=True)
+    await peer.until(lambda: sid in peer.ended, "the echo's END_STREAM")
+    assert len(peer.data[sid]) == total and not peer.violations
+
+
+@pytest.mark.parametrize("binding", ["connection", "stream"])
+@bounded(60)
+async def test_server_sends_exactly_up_to_the_peer_windows(server, raw_peer, binding) -> None:
+    """The server's send path (`DataPath.room`/`send`): with a backlog of 512 KiB from the application and
+    a peer that gives no credit back, exactly the smaller of the two windows arrives (the connection's
+    65,535 bytes, or a 10,000-byte stream window under a 1 MiB connection window), not a byte more; once
+    credit flows again the rest arrives byte-exact."""
+    blob = random.Random(9).randbytes(512 * KiB)
+
+    async def speak(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+        writer.write(blob)
+        await writer.drain()
+        return len(await reader.read())
+
+    app = await TcpApp(speak).start()
+    try:
+        window = 1 * MiB if binding == "connection" else 10_000
+        peer = await raw_peer(server.address, window=window)
+        peer.auto_window_update = False
+        if binding == "stream":
+            peer.grant(0, 1 * MiB)
+        expected = DEFAULT_WINDOW if binding == "connection" else 10_000
+        sid = await peer.connect_stream(f"127.0.0.1:{app.port}")
+        await peer.until(lambda: len(peer.data[sid]) >= expected, f"the first {expected} bytes")
+        await asyncio.sleep(0.3)  # the server has the rest; it must hold it back
+        await peer.ping()
+        assert not peer.violations and len(peer.data[sid]) == expected, peer.summary()
+        assert min(peer.recv_conn_window, peer.recv_windows[sid]) == 0
+        peer.auto_window_update = True
+        peer.grant(0, expected)
+        peer.grant(sid, expected)
+        await peer.until(lambda: len(peer.data[sid]) >= len(blob), "the rest")
+        peer.send_data(sid, b"", end_stream=True)
+        await peer.until(lambda: sid in peer.ended, "the END_STREAM")
+        assert not peer.violations and not peer.resets and not peer.goaways, peer.summary()
+        assert bytes(peer.data[sid]) == blob
+    finally:
+        await app.close()
+
+
+# -- the same fast path on the client side ------------------------------------------------------------------
+class RawServer:
+    """A TLS listener whose one connection is a RawPeer in the server role."""
+
+    def __init__(self, ctx: ssl.SSLContext, local: dict[int, int]) -> None:
+        self.ctx = ctx
+        self.local = local
+        self.peer: asyncio.Future[RawPeer] = asyncio.get_running_loop().create_future()
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> RawServer:
+        async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            peer = RawPeer(reader, writer, client=False)
+            peer.send_settings(self.local)
+            if not self.peer.done():
+                self.peer.set_result(peer)
+
+        self.server = await asyncio.start_server(accept, "127.0.0.1", 0, ssl=self.ctx)
+        return self
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self.server is not None
+        return self.server.sockets[0].getsockname()[:2]
+
+    async def close(self) -> None:
+        if self.peer.done():
+            await self.peer.result().close()
+        if self.server is not None:
+            self.server.close()
+
+
+@pytest.fixture
+async def raw_server(pki: TestPki):
+    servers: list[RawServer] = []
+
+    async def start(local: dict[int, int]) -> RawServer:
+        srv = await RawServer(pki.server_ctx(SERVER), local).start()
+        servers.append(srv)
+        return srv
+
+    yield start
+    for srv in servers:
+        await srv.close()
+
+
+async def client_with_stream(pki: TestPki, srv: RawServer):
+    """An HBONE client connection to `srv` and its answered CONNECT stream: (conn, tunnel, peer, sid)."""
+    conn = await asyncio.wait_for(dial(srv.address, pki.client_ctx(CLIENT), [SERVER]), WAIT)
+    peer = await asyncio.wait_for(srv.peer, WAIT)
+    await peer.until(lambda: not peer._pending_local and peer.settings_received, "the SETTINGS exchange")
+    opening = asyncio.ensure_future(conn.open_stream("127.0.0.1:9"))
+    await peer.until(lambda: peer.headers, "the CONNECT")
+    (sid,) = peer.headers
+    peer.respond(sid)
+    tunnel = await asyncio.wait_for(opening, WAIT)
+    return conn, tunnel, peer, sid
+
+
+@bounded(60)
+async def test_client_sends_within_a_small_window_that_shrinks(pki, raw_server) -> None:
+    """The HBONE client's send path (`DataPath.send`, `Outbox.add_data`) against a peer with a 1000-byte
+    stream window and 16 KiB frames, lowered to 100 bytes mid-transfer: every frame fits the windows as
+    the peer counts them, the bytes arrive exact, the END_STREAM last."""
+    srv = await raw_server({INITIAL_WINDOW_SIZE: 1000})
+    conn, tunnel, peer, sid = await client_with_stream(pki, srv)
+    try:
+        body = random.Random(6).randbytes(2 * MiB + 3)
+        tunnel.write(body[:MiB])
+        await peer.until(lambda: len(peer.data[sid]) >= 100 * KiB, "the first 100 KiB")
+        peer.send_settings({INITIAL_WINDOW_SIZE: 100})  # the window may go negative for a moment (§6.9.2)
+        tunnel.write(body[MiB:])
+        tunnel.write_eof()
+        await peer.until(lambda: sid in peer.ended, "the END_STREAM", timeout=60)
+        assert not peer.violations and not peer.goaways and not peer.resets, peer.summary()
+        assert bytes(peer.data[sid]) == body
+        assert peer.data_frames > len(body) // 1000  # window-sized frames, not 16 KiB ones
+    finally:
+        conn.close()
+
+
+@bounded(30)
+async def test_client_stream_window_overrun_is_flow_control_error(pki, raw_server) -> None:
+    """Our client's receive side: exactly its 4 MiB stream window is accepted while the tunnel is not read,
+    one byte more is FLOW_CONTROL_ERROR, and the open tunnel learns that its connection is gone."""
+    srv = await raw_server({})
+    conn, tunnel, peer, sid = await client_with_stream(pki, srv)
+    try:
+        assert peer.send_windows[sid] == 4 * MiB and peer.send_conn_window == 16 * MiB
+        payload = await fill(peer, sid, 4 * MiB, random.Random(7))
+        await peer.ping()
+        assert not peer.goaways and tunnel.bytes_received == payload, peer.summary()
+        peer.send_data(sid, b"x")
+        await peer.until(lambda: peer.goaways, "the client's GOAWAY")
+        assert_connection_error(peer, ErrorCodes.FLOW_CONTROL_ERROR, 0)
+        await asyncio.wait_for(conn.closed, WAIT)
+        assert tunnel.finished and tunnel.error is not None
+    finally:
+        conn.close()
+
+
+@bounded(30)
+async def test_client_rejects_data_before_the_response(pki, raw_server) -> None:
+    """DATA on a stream whose response HEADERS have not come is h2's PROTOCOL_ERROR (RFC 9113 §8.1), not
+    tunnel bytes: the fast path must not take it because the stream is open."""
+    srv = await raw_server({})
+    conn = await asyncio.wait_for(dial(srv.address, pki.client_ctx(CLIENT), [SERVER]), WAIT)
+    try:
+        peer = await asyncio.wait_for(srv.peer, WAIT)
+        opening = asyncio.ensure_future(conn.open_stream("127.0.0.1:9"))
+        await peer.until(lambda: peer.headers, "the CONNECT")
+        (sid,) = peer.headers
+        peer.send_data(sid, b"too early")
+        await peer.until(lambda: peer.goaways, "the client's GOAWAY")
+        assert_connection_error(peer, ErrorCodes.PROTOCOL_ERROR, 0)
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(opening, WAIT)
+    finally:
+        conn.close()
