@@ -46,6 +46,10 @@ class _AccessHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:
             self.handleError(record)
             return
+        self.add_line(line)
+
+    def add_line(self, line: str) -> None:
+        """Queue a finished line (what `emit` does after formatting)."""
         self._pending.append(line)
         self._pending_size += len(line) + 1
         if self._pending_size >= FLUSH_BYTES:
@@ -143,4 +147,19 @@ class AccessLog:
     def write(self, fields: Mapping[str, object], message: str = "connection complete") -> None:
         # Skip the formatting entirely when nobody listens; this runs once per connection.
         if self._logger.isEnabledFor(logging.INFO):
-            self._logger.info(self._render(message, fields))
+            self.write_line(self._render(message, fields))
+
+    def write_line(self, line: str) -> None:
+        """Write a line already rendered in this log's format. When the only handler is ours (the daemons'
+        case) the line goes straight into its buffer: a waypoint writes one per request, and the logging
+        module's record, filters and formatter were most of that line's cost."""
+        handlers = self._logger.handlers
+        if len(handlers) == 1 and type(handlers[0]) is _AccessHandler and not self._logger.filters:
+            handler = handlers[0]
+            handler.acquire()
+            try:
+                handler.add_line(line)
+            finally:
+                handler.release()
+        else:
+            self._logger.info(line)

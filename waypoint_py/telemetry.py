@@ -107,7 +107,7 @@ class RequestTelemetry:
         if not self._logger.isEnabledFor(logging.INFO):
             return  # nobody listens: no line is formatted
         if self._fast_text:
-            self._logger.info(self._line(r, flags, duration_ms))
+            self.access_log.write_line(self._line(r, flags, duration_ms))
         else:
             self.access_log.write(self._fields(r, flags, duration_ms), message=MESSAGE)
 
