@@ -147,6 +147,8 @@ class TlsOverTransport(asyncio.Transport):
                         ended = True
                         break
                     total += n
+                    if not self._in.pending and not self._ssl.pending():
+                        break  # all ciphertext used, no plaintext held: another read would only raise
             except ssl.SSLWantReadError:
                 pass
             except ssl.SSLZeroReturnError:
