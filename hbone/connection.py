@@ -428,6 +428,22 @@ class HboneConnection(asyncio.Protocol):
             self._flush()
         tunnel._maybe_resume_protocol()
 
+    def _send_now(self, tunnel: Tunnel, data: bytes) -> bool:
+        """`_flush_stream` for the common case of one write on a stream with nothing queued that fits the
+        windows as it is; False (nothing done) otherwise."""
+        if self._write_paused or self._closed or tunnel.finished:
+            return False
+        sid = tunnel.stream_id
+        data_path = self._data_path
+        try:
+            if len(data) > data_path.room(sid) or not data_path.send(sid, data):
+                return False
+        except h2.exceptions.ProtocolError:
+            return False  # the stream is gone: `_flush_stream` deals with that
+        if not self._batch:
+            self._flush()
+        return True
+
     def _ack(self, tunnel: Tunnel, flow_len: int) -> None:
         """The consumer took `flow_len` bytes of `tunnel`. Acknowledgements are gathered up to a small part
         of the windows before h2 hears of them: h2 sends WINDOW_UPDATE only after half a window anyway,

@@ -22,7 +22,7 @@ import struct
 from collections.abc import Callable
 
 from h2.connection import ConnectionState, H2Connection
-from h2.exceptions import FrameDataMissingError, ProtocolError
+from h2.exceptions import FlowControlError, FrameDataMissingError, ProtocolError
 from h2.frame_buffer import FrameBuffer
 from h2.stream import StreamState
 from hyperframe.exceptions import InvalidDataError, InvalidFrameError
@@ -97,16 +97,25 @@ class FastFrameBuffer(FrameBuffer):
         END_STREAM, not inside a header block), or None when no complete frame is buffered."""
         start = self._offset
         data = self._data
-        if len(data) - start >= 9 and data[start + 3] == _DATA_TYPE and not data[start + 4] & (_PADDED | _END_STREAM):
-            length = (data[start] << 16) | (data[start + 1] << 8) | data[start + 2]
-            stream_id = int.from_bytes(data[start + 5 : start + 9], "big") & 0x7FFFFFFF
-            if stream_id and not self._headers_buffer and length <= self.max_frame_size:
-                end = start + 9 + length
-                if end > len(data):
-                    return None
-                self._offset = end
-                with memoryview(data) as view:
-                    return stream_id, bytes(view[start + 9 : end])  # one copy (a bytearray slice is two)
+        if len(data) - start >= 9:
+            high, low, kind, flags, stream_id = _FRAME_HEADER.unpack_from(data, start)
+            length = (high << 8) | low
+            stream_id &= 0x7FFFFFFF
+        else:
+            kind = -1
+        if (
+            kind == _DATA_TYPE
+            and not flags & (_PADDED | _END_STREAM)
+            and stream_id
+            and not self._headers_buffer
+            and length <= self.max_frame_size
+        ):
+            end = start + 9 + length
+            if end > len(data):
+                return None
+            self._offset = end
+            with memoryview(data) as view:
+                return stream_id, bytes(view[start + 9 : end])  # one copy (a bytearray slice is two)
         try:
             return self.__next__()
         except StopIteration:
@@ -225,8 +234,11 @@ class DataPath:
         ):
             return False
         n = len(data)
-        conn._inbound_flow_control_window_manager.window_consumed(n)
-        stream._inbound_window_manager.window_consumed(n)
+        # WindowManager.window_consumed, twice, inline (same counters, same error)
+        for window in (conn._inbound_flow_control_window_manager, stream._inbound_window_manager):
+            window.current_window_size -= n
+            if window.current_window_size < 0:
+                raise FlowControlError("Flow control window shrunk below 0")
         stream._actual_content_length += n
         return True
 

@@ -90,6 +90,8 @@ class TlsOverTransport(asyncio.Transport):
         self._protocol: asyncio.Protocol = Buffered()
         self._protocol.connection_made(self)
         self.handshake: asyncio.Future[None] = self._loop.create_future()
+        self._handshaken = False  # handshake.done(), remembered once true (checked for every read)
+        self._copies_input = False  # whether the protocol above copies what it is given at once
         self._reading_paused = False
         self._closing = False
         self._lost = False
@@ -125,9 +127,12 @@ class TlsOverTransport(asyncio.Transport):
 
     def _on_lower_data(self, data: bytes | memoryview) -> None:
         self._in.write(data)
-        if not self.handshake.done():
+        if self._handshaken:
+            self._read_app()
+        elif not self.handshake.done():
             self._do_handshake()
         else:
+            self._handshaken = True
             self._read_app()
 
     def _read_app(self) -> None:
@@ -163,7 +168,7 @@ class TlsOverTransport(asyncio.Transport):
                 # A protocol that copies what it is given before doing anything else (HTTP/2's frame buffer)
                 # may read the scratch buffer itself; anyone else gets a copy, made before the callback,
                 # which may decrypt another session into the scratch buffer.
-                self._protocol.data_received(chunk if getattr(self._protocol, "copies_input", False) else bytes(chunk))
+                self._protocol.data_received(chunk if self._copies_input else bytes(chunk))
             if ended:
                 self._on_eof()
                 break
@@ -203,6 +208,7 @@ class TlsOverTransport(asyncio.Transport):
     # -- asyncio.Transport for the protocol above ----------------------------------------------------
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         self._protocol = protocol  # type: ignore[assignment]
+        self._copies_input = bool(getattr(protocol, "copies_input", False))
 
     def get_protocol(self) -> asyncio.BaseProtocol:
         return self._protocol

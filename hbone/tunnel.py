@@ -187,6 +187,8 @@ class Tunnel(asyncio.Transport):
         if self._finished or self._eof_requested or not data:
             return
         self.bytes_sent += len(data)
+        if not self._send and type(data) is bytes and self._conn._send_now(self, data):
+            return  # nothing queued before it and it fits the windows: sent as it is
         self._send.append(memoryview(data))
         self._send_size += len(data)
         self._conn._flush_stream(self)
