@@ -98,7 +98,8 @@ class TlsOverTransport(asyncio.Transport):
         self._eof = False
         self.lost_exc: Exception | None = None
         previous = lower.get_protocol()
-        lower.set_protocol(_SocketLower(self) if lower.get_extra_info("socket") is not None else _Lower(self))
+        on_socket = lower.get_extra_info("socket") is not None and lower.get_extra_info("tunnel") is None
+        lower.set_protocol(_SocketLower(self) if on_socket else _Lower(self))
         self._do_handshake()
         # Bytes the lower transport delivered before we took it over (a client's first flight) come first.
         if isinstance(previous, Buffered):
@@ -274,12 +275,11 @@ class TlsOverTransport(asyncio.Transport):
         self._lower.abort()
 
 
-class _Lower(asyncio.Protocol):
+class _LowerEvents:
+    """What the lower transport reports besides data, for both kinds of lower protocol below."""
+
     def __init__(self, tls: TlsOverTransport) -> None:
         self._tls = tls
-
-    def data_received(self, data: bytes) -> None:
-        self._tls._on_lower_data(data)
 
     def eof_received(self) -> bool:
         self._tls._on_lower_eof()
@@ -295,9 +295,15 @@ class _Lower(asyncio.Protocol):
         self._tls._protocol.resume_writing()
 
 
-class _SocketLower(_Lower, asyncio.BufferedProtocol):
+class _Lower(_LowerEvents, asyncio.Protocol):
+    def data_received(self, data: bytes) -> None:
+        self._tls._on_lower_data(data)
+
+
+class _SocketLower(_LowerEvents, asyncio.BufferedProtocol):
     """For a socket transport: the loop reads into our buffer, which the TLS BIO copies at once, instead of
-    allocating a bytes object per read that the BIO then copies again."""
+    allocating a bytes object per read that the BIO then copies again. (Not an asyncio.Protocol as well:
+    uvloop would then call data_received.)"""
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return _SOCKET_VIEW
