@@ -214,3 +214,44 @@ def _write_pair(cert) -> tuple[str, str]:
     with open(key, "wb") as f:
         f.write(cert.key_pem)
     return chain, key
+
+
+def test_socket_reads_go_straight_into_the_tls_buffer_under_uvloop(pki, monkeypatch) -> None:
+    """The socket side of our TLS layer is a BufferedProtocol, and nothing else: uvloop (like asyncio)
+    calls data_received on a protocol that is also an asyncio.Protocol, and the buffered read is then
+    silently skipped. Under uvloop, the reads of an HBONE connection must arrive via buffer_updated."""
+    import uvloop
+
+    from hbone import tlslayer
+
+    buffered_reads = []
+    original = tlslayer._SocketLower.buffer_updated
+
+    def counting(self: tlslayer._SocketLower, nbytes: int) -> None:
+        buffered_reads.append(nbytes)
+        original(self, nbytes)
+
+    monkeypatch.setattr(tlslayer._SocketLower, "buffer_updated", counting)
+    payload = bytes(range(256)) * 4096  # 1 MiB
+
+    async def scenario() -> bytes:
+        srv = await TunnelServer(SERVER, lambda: pki.server_ctx(SERVER)).start()
+        app = await TcpApp(echo).start()
+        try:
+            conn = await dial(srv.address, pki.client_ctx(CLIENT), [SERVER])
+            lower = conn._transport._lower  # type: ignore[union-attr]
+            assert isinstance(lower.get_protocol(), asyncio.BufferedProtocol)
+            assert not isinstance(lower.get_protocol(), asyncio.Protocol)
+            tunnel = await conn.open_stream(f"127.0.0.1:{app.port}")
+            reader, writer = stream_pair(tunnel)
+            writer.write(payload)
+            writer.write_eof()
+            echoed = await asyncio.wait_for(reader.read(), 10)
+            conn.close()
+            return echoed
+        finally:
+            await app.close()
+            await srv.close()
+
+    assert uvloop.run(scenario()) == payload
+    assert sum(buffered_reads) >= len(payload)  # at least the echo came back through buffered reads
