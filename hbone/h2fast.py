@@ -39,9 +39,9 @@ _FRAME_HEADER = struct.Struct("!HBBBL")
 _DATA_TYPE = 0x0
 _END_STREAM = 0x1
 _PADDED = 0x8
-_CONNECTION_OPEN = frozenset({ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN})
-_MAY_RECEIVE = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL})
-_MAY_SEND = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE})
+# States compared by identity: `state in {...}` would call Enum.__hash__, a Python function, every frame.
+_CLIENT_OPEN, _SERVER_OPEN = ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN
+_OPEN, _HALF_LOCAL, _HALF_REMOTE = StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL, StreamState.HALF_CLOSED_REMOTE
 SMALL_FRAME = 16 * 1024  # below this a DATA payload is joined to its header (one copy, one TLS record)
 
 
@@ -225,11 +225,15 @@ class DataPath:
         peer overran a window, as h2's frame handling would (the caller then ends the connection)."""
         conn = self._conn
         stream = conn.streams.get(stream_id)
+        if stream is None:
+            return False
+        connection_state = conn.state_machine.state
+        machine = stream.state_machine
+        state = machine.state
         if (
-            stream is None
-            or conn.state_machine.state not in _CONNECTION_OPEN
-            or stream.state_machine.state not in _MAY_RECEIVE
-            or not stream.state_machine.headers_received
+            (connection_state is not _CLIENT_OPEN and connection_state is not _SERVER_OPEN)
+            or (state is not _OPEN and state is not _HALF_LOCAL)
+            or not machine.headers_received
             or stream._expected_content_length is not None
         ):
             return False
@@ -255,10 +259,12 @@ class DataPath:
         """Queue a DATA frame (no flags) that fits `room()`; False when h2 must do it."""
         conn = self._conn
         stream = conn.streams.get(stream_id)
-        if (
-            stream is None
-            or conn.state_machine.state not in _CONNECTION_OPEN
-            or stream.state_machine.state not in _MAY_SEND
+        if stream is None:
+            return False
+        connection_state = conn.state_machine.state
+        state = stream.state_machine.state
+        if (connection_state is not _CLIENT_OPEN and connection_state is not _SERVER_OPEN) or (
+            state is not _OPEN and state is not _HALF_REMOTE
         ):
             return False
         n = len(data)
