@@ -15,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Mapping
 from typing import TextIO
 
 ACCESS_LOGGER = "access"
+NEEDS_QUOTES = re.compile(r'[\s"=\\]')  # what would break `key=value` splitting
 FORMATS = ("text", "json")
 
 _logger = logging.getLogger(ACCESS_LOGGER)
@@ -112,7 +114,7 @@ def _text_value(value: object) -> str:
         return "true" if value else "false"
     text = str(value)
     # Quote only what would break `key=value` splitting; JSON string escaping keeps it one line.
-    if not text or any(c.isspace() or c in '"=\\' for c in text) or not text.isprintable():
+    if not text or NEEDS_QUOTES.search(text) is not None or not text.isprintable():
         return json.dumps(text, ensure_ascii=False)
     return text
 

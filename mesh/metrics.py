@@ -75,6 +75,9 @@ HTTP_BUCKETS: tuple[float, ...] = (
 )  # fmt: skip
 
 
+CHILD_CACHE_LIMIT = 4096  # label sets remembered per metric family; forgotten all at once beyond that
+
+
 def _v(value: str | None) -> str:
     # Istio renders a missing *or empty* value as the literal `unknown`, never as an empty label.
     return value if value else UNKNOWN
@@ -240,6 +243,38 @@ class TcpMetrics:
         self.sockets_open = Gauge(
             "istio_tcp_sockets_open", "Proxied connections open now.", ("reporter",), registry=registry
         )
+        # Children by label values: `labels()` with 27 values (validated, joined, looked up under a lock)
+        # was a large share of a new connection's cost, and connections repeat the same few label sets.
+        self._open_children: dict[tuple[str, ...], tuple[Counter, Counter, Counter]] = {}
+        self._close_children: dict[tuple[str, ...], tuple[Counter, Counter | None]] = {}
+        self._gauges: dict[str, Gauge] = {}
+
+    def _children_of_open(self, values: tuple[str, ...]) -> tuple[Counter, Counter, Counter]:
+        """(opened, received bytes, sent bytes) children for `values`."""
+        children = self._open_children.get(values)
+        if children is None:
+            if len(self._open_children) >= CHILD_CACHE_LIMIT:
+                self._open_children.clear()
+            children = (self.opened.labels(*values), self.received_bytes.labels(*values),
+                        self.sent_bytes.labels(*values))  # fmt: skip
+            self._open_children[values] = children
+        return children
+
+    def _children_of_close(self, values: tuple[str, ...], failed: bool) -> tuple[Counter, Counter | None]:
+        """(closed, failed or None) children for `values` (which include the response flags)."""
+        children = self._close_children.get(values)
+        if children is None:
+            if len(self._close_children) >= CHILD_CACHE_LIMIT:
+                self._close_children.clear()
+            children = (self.closed.labels(*values), self.failed.labels(*values) if failed else None)
+            self._close_children[values] = children
+        return children
+
+    def _gauge(self, reporter: str) -> Gauge:
+        gauge = self._gauges.get(reporter)
+        if gauge is None:
+            gauge = self._gauges[reporter] = self.sockets_open.labels(reporter)
+        return gauge
 
     def open(self, labels: TrafficLabels, *, provisional: bool = False) -> TcpRecorder:
         """Start recording a connection.
@@ -284,7 +319,7 @@ class TcpRecorder:
         self._closed = False
         self._follow: list[int] | None = None
         self._counted = (0, 0)
-        self._gauge = metrics.sockets_open.labels(_v(labels.reporter))
+        self._gauge = metrics._gauge(_v(labels.reporter))
 
     @property
     def labels(self) -> TrafficLabels:
@@ -323,11 +358,9 @@ class TcpRecorder:
     def _commit(self) -> None:
         values = self._labels.values()
         self._values = values
-        m = self._metrics
-        m.opened.labels(*values).inc()
         # Bind the children once: later flushes are a single `.inc()` each, with no label lookup.
-        self._rx_counter = m.received_bytes.labels(*values)
-        self._tx_counter = m.sent_bytes.labels(*values)
+        opened, self._rx_counter, self._tx_counter = self._metrics._children_of_open(values)
+        opened.inc()
 
     def flush(self) -> None:
         if self._rx_counter is None or self._tx_counter is None:
@@ -361,9 +394,10 @@ class TcpRecorder:
         self._gauge.dec()
         flags = response_flags or NO_FLAGS
         values = self._labels.replace(response_flags=flags).values()
-        m.closed.labels(*values).inc()
-        if flags != NO_FLAGS:
-            m.failed.labels(*values).inc()
+        closed, failed = m._children_of_close(values, flags != NO_FLAGS)
+        closed.inc()
+        if failed is not None:
+            failed.inc()
 
 
 class HttpMetrics:

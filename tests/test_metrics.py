@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import logging
@@ -16,6 +17,7 @@ from prometheus_client.samples import Sample
 
 from hbone.baggage import parse as parse_baggage
 from mesh import accesslog
+from mesh import metrics as metrics_module
 from mesh.accesslog import AccessLog, configure_access_log, format_text
 from mesh.http_server import serve_http, stats_routes
 from mesh.metrics import (
@@ -324,3 +326,28 @@ def test_recorder_follows_live_counters_at_each_flush() -> None:
     rec.close()
     text = render(registry, "")[0].decode()
     assert "} 1005.0" in text and "} 20.0" in text
+
+
+@pytest.mark.parametrize("cache_limit", [4096, 1])
+def test_connections_with_repeating_label_sets_count_apart(monkeypatch, cache_limit: int) -> None:
+    """Recorders reuse the metric children of a label set (and forget them past the limit); counts stay
+    per label set and per closing flag, whichever way."""
+    monkeypatch.setattr(metrics_module, "CHILD_CACHE_LIMIT", cache_limit)
+    registry = new_registry()
+    tcp = TcpMetrics(registry)
+    other = dataclasses.replace(ECHO, workload="echo-2")
+    for i in range(6):
+        rec = tcp.open(outbound(ECHO if i % 2 else other))
+        rec.add_received(10)
+        rec.close("CONNECT" if i % 3 == 0 else "-")
+    text = render(registry, "")[0].decode()
+    opened = {s.labels["destination_workload"]: s.value for s in samples(text, "istio_tcp_connections_opened_total")}
+    assert opened == {"echo": 3, "echo-2": 3}
+    received = {s.labels["destination_workload"]: s.value for s in samples(text, "istio_tcp_received_bytes_total")}
+    assert received == {"echo": 30, "echo-2": 30}
+    closed = {(s.labels["destination_workload"], s.labels["response_flags"]): s.value
+              for s in samples(text, "istio_tcp_connections_closed_total")}  # fmt: skip
+    assert closed == {("echo-2", "CONNECT"): 1, ("echo", "CONNECT"): 1, ("echo-2", "-"): 2, ("echo", "-"): 2}
+    failed = {s.labels["destination_workload"]: s.value for s in samples(text, "istio_tcp_connections_failed_total")}
+    assert failed == {"echo-2": 1, "echo": 1}
+    assert [s.value for s in samples(text, "istio_tcp_sockets_open")] == [0]

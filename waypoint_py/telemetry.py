@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from mesh.accesslog import ACCESS_LOGGER, AccessLog
+from mesh.accesslog import ACCESS_LOGGER, NEEDS_QUOTES, AccessLog
 from mesh.metrics import NO_FLAGS, HttpMetrics, PeerLabels, TrafficLabels
 from mesh.model import Service
 
@@ -61,11 +60,10 @@ class RequestReport:
 
 
 # `mesh.accesslog._text_value`, for strings: quoted (JSON) only when a value would break key=value splitting.
-_NEEDS_QUOTES = re.compile(r'[\s"=\\]')
 
 
 def _text(value: str) -> str:
-    if not value or _NEEDS_QUOTES.search(value) is not None or not value.isprintable():
+    if not value or NEEDS_QUOTES.search(value) is not None or not value.isprintable():
         return json.dumps(value, ensure_ascii=False)
     return value
 
