@@ -56,6 +56,7 @@ class FastFrameBuffer(FrameBuffer):
         super().__init__(server=server)
         self._offset = 0
         self._on_goaway = on_goaway
+        self._goaways: list[GoAwayFrame] | None = None  # collected while feed() parses a batch
 
     def add_data(self, data: bytes | bytearray | memoryview) -> None:
         if self._offset:
@@ -71,6 +72,19 @@ class FastFrameBuffer(FrameBuffer):
         if self._offset:
             del self._data[: self._offset]
             self._offset = 0
+        # GOAWAY is reported once the batch is parsed: what the report sets off (streams ending, a nested
+        # TLS session closing) must not run while `data`, which may be a shared decryption buffer, is read.
+        self._goaways = []
+        try:
+            items = self._parse(data)
+        finally:
+            goaways, self._goaways = self._goaways, None
+        if self._on_goaway is not None:
+            for frame in goaways:
+                self._on_goaway(frame)
+        return items
+
+    def _parse(self, data: bytes | bytearray | memoryview) -> list[Frame | tuple[int, bytes]]:
         items: list[Frame | tuple[int, bytes]] = []
         if self._data or self._preamble_len:
             try:
@@ -147,7 +161,10 @@ class FastFrameBuffer(FrameBuffer):
                 view.release()
             self._offset = start + 9 + length
             if isinstance(frame, GoAwayFrame) and self._on_goaway is not None and not self._headers_buffer:
-                self._on_goaway(frame)
+                if self._goaways is not None:
+                    self._goaways.append(frame)  # reported by feed() after the batch
+                else:
+                    self._on_goaway(frame)
                 continue
             result = self._update_header_buffer(frame)
             if result is not None:
