@@ -42,7 +42,7 @@ from hbone.client import dial
 from hbone.connection import H2Settings
 from hbone.errors import ConnectionClosed
 from hbone.tunnel import Tunnel
-from tests.support.apps import TcpApp, TunnelServer, echo, stream_pair
+from tests.support.apps import TcpApp, TunnelServer, stream_pair
 from tests.support.pki import TestPki, ident
 
 SERVER = ident("server")
@@ -390,13 +390,6 @@ async def server(pki: TestPki):
     srv = await HoldingServer(SERVER, lambda: pki.server_ctx(SERVER)).start()
     yield srv
     await srv.close()
-
-
-@pytest.fixture
-async def echo_app():
-    app = await TcpApp(echo).start()
-    yield app
-    await app.close()
 
 
 @pytest.fixture

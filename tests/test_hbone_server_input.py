@@ -10,7 +10,7 @@ import os
 import pytest
 
 from hbone.client import dial
-from tests.support.apps import TcpApp, TunnelServer, echo, read_all, stream_pair
+from tests.support.apps import TcpApp, TunnelServer, read_all, stream_pair
 from tests.support.pki import TestPki, ident
 from tests.support.rawh2 import RawH2Client
 
@@ -26,13 +26,6 @@ async def server(pki: TestPki):
     ).start()
     yield srv
     await srv.close()
-
-
-@pytest.fixture
-async def echo_app():
-    app = await TcpApp(echo).start()
-    yield app
-    await app.close()
 
 
 async def raw(pki: TestPki, server: TunnelServer) -> RawH2Client:

@@ -29,13 +29,6 @@ async def server(pki: TestPki):
     await srv.close()
 
 
-@pytest.fixture
-async def echo_app():
-    app = await TcpApp(echo).start()
-    yield app
-    await app.close()
-
-
 async def assert_still_serving(pki: TestPki, server: TunnelServer, app: TcpApp) -> None:
     conn = await dial(server.address, pki.client_ctx(CLIENT), [SERVER])
     tunnel = await conn.open_stream(f"127.0.0.1:{app.port}")
