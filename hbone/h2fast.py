@@ -111,12 +111,11 @@ class FastFrameBuffer(FrameBuffer):
         END_STREAM, not inside a header block), or None when no complete frame is buffered."""
         start = self._offset
         data = self._data
-        if len(data) - start >= 9:
-            high, low, kind, flags, stream_id = _FRAME_HEADER.unpack_from(data, start)
-            length = (high << 8) | low
-            stream_id &= 0x7FFFFFFF
-        else:
-            kind = -1
+        if len(data) - start < 9:
+            return None  # not even a frame header yet
+        high, low, kind, flags, stream_id = _FRAME_HEADER.unpack_from(data, start)
+        length = (high << 8) | low
+        stream_id &= 0x7FFFFFFF
         if (
             kind == _DATA_TYPE
             and not flags & (_PADDED | _END_STREAM)
