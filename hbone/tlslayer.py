@@ -23,8 +23,7 @@ READ_CHUNK = 256 * 1024
 # copied out before anything else can run.
 _SCRATCH_VIEW = memoryview(bytearray(READ_CHUNK))
 # One buffer for every socket's encrypted bytes, read straight into it (see _SocketLower).
-SOCKET_READ = 256 * 1024
-_SOCKET_VIEW = memoryview(bytearray(SOCKET_READ))
+_SOCKET_VIEW = memoryview(bytearray(READ_CHUNK))
 
 
 class Buffered(asyncio.Protocol):
@@ -128,13 +127,11 @@ class TlsOverTransport(asyncio.Transport):
 
     def _on_lower_data(self, data: bytes | memoryview) -> None:
         self._in.write(data)
-        if self._handshaken:
-            self._read_app()
-        elif not self.handshake.done():
-            self._do_handshake()
-        else:
+        if self._handshaken or self.handshake.done():
             self._handshaken = True
             self._read_app()
+        else:
+            self._do_handshake()
 
     def _read_app(self) -> None:
         """Decrypt everything that can be decrypted now, and hand it up as one piece.
