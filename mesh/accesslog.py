@@ -41,6 +41,7 @@ class _AccessHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self._pending: list[str] = []
         self._pending_size = 0
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -56,13 +57,17 @@ class _AccessHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self._pending_size += len(line) + 1
         if self._pending_size >= FLUSH_BYTES:
             self.flush()
-        elif self._timer is None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                self.flush()  # no loop to flush later: write now
-                return
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()  # no loop to flush later: write now
+            return
+        if self._timer is None or self._timer_loop is not loop:  # (a timer of a closed loop never fires)
+            if self._timer is not None:
+                self._timer.cancel()
             self._timer = loop.call_later(FLUSH_INTERVAL, self.flush)
+            self._timer_loop = loop
 
     def flush(self) -> None:
         self.acquire()

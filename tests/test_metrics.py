@@ -351,3 +351,23 @@ def test_connections_with_repeating_label_sets_count_apart(monkeypatch, cache_li
     failed = {s.labels["destination_workload"]: s.value for s in samples(text, "istio_tcp_connections_failed_total")}
     assert failed == {"echo-2": 1, "echo": 1}
     assert [s.value for s in samples(text, "istio_tcp_sockets_open")] == [0]
+
+
+def test_access_lines_of_a_closed_loop_do_not_wait_for_the_next_batch(restore_logging: None) -> None:
+    """A line held by a loop that closed before its flush timer fired goes out with the next loop's batch."""
+    stream = io.StringIO()
+    configure_access_log(stream)
+    log = AccessLog("text")
+
+    async def write(n: int) -> None:
+        log.write({"n": n})
+
+    asyncio.run(write(1))  # the loop closes with the line still held
+    assert stream.getvalue() == ""
+
+    async def write_and_wait() -> None:
+        log.write({"n": 2})
+        await asyncio.sleep(accesslog.FLUSH_INTERVAL + 0.3)
+
+    asyncio.run(write_and_wait())
+    assert [line.rsplit(" ", 1)[1] for line in stream.getvalue().splitlines()] == ["n=1", "n=2"]
