@@ -14,17 +14,23 @@
    does that bookkeeping on h2's own counters, in h2's order and with h2's errors, for the plain case
    only (stream open both ways or half-closed as the direction allows, no padding, no END_STREAM, no
    content-length to track); every other frame and every other case goes through h2 unchanged.
+5. Header blocks are sent without Huffman coding (HPACK lets each string be either, RFC 7541 §5.2). The
+   pure-Python Huffman coder was the largest single cost of opening a stream (encoding here, decoding at
+   the peer); the strings of a CONNECT are a few dozen bytes, once per stream. Received blocks are decoded
+   whatever their coding.
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from typing import Any
 
 from h2.connection import ConnectionState, H2Connection
 from h2.exceptions import FlowControlError, FrameDataMissingError, ProtocolError
 from h2.frame_buffer import FrameBuffer
 from h2.stream import StreamState
+from hpack import Encoder
 from hyperframe.exceptions import InvalidDataError, InvalidFrameError
 from hyperframe.frame import DataFrame, Frame, GoAwayFrame
 
@@ -43,6 +49,13 @@ _PADDED = 0x8
 _CLIENT_OPEN, _SERVER_OPEN = ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN
 _OPEN, _HALF_LOCAL, _HALF_REMOTE = StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL, StreamState.HALF_CLOSED_REMOTE
 SMALL_FRAME = 16 * 1024  # below this a DATA payload is joined to its header (one copy, one TLS record)
+
+
+class PlainEncoder(Encoder):
+    """An HPACK encoder that writes string literals as they are (point 5)."""
+
+    def encode(self, headers: Any, huffman: bool = False) -> bytes:
+        return super().encode(headers, huffman=huffman)
 
 
 class PreambleError(ProtocolError):
@@ -292,6 +305,7 @@ class DataPath:
 
 def make_connection(config: object, on_goaway: Callable[[GoAwayFrame], None]) -> H2Connection:
     conn = H2Connection(config=config)  # type: ignore[arg-type]
+    conn.encoder = PlainEncoder()
     fast = FastFrameBuffer(server=not conn.config.client_side, on_goaway=on_goaway)
     fast.max_frame_size = conn.incoming_buffer.max_frame_size
     conn.incoming_buffer = fast
