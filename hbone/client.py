@@ -9,34 +9,52 @@ import socket
 import ssl
 from collections.abc import Iterable
 
-from .connection import H2Settings, HboneConnection
+from .connection import HANDSHAKE_TIMED_OUT, H2Settings, HboneConnection
 from .errors import ConnectFailed, H2HandshakeFailure, HboneError, TlsFailure
 from .identity import Identity
 from .tls import check_server, describe_ssl_error
 from .tlslayer import Buffered, attach, wrap_tls
+from .tunnel import Tunnel
 
 CONNECT_TIMEOUT = 10.0
+
+
+def _handshake_failure(conn: HboneConnection, exc: Exception) -> Exception:
+    """What to report for `exc`, met by a client connection before the server's SETTINGS came.
+
+    In TLS 1.3 the server checks our certificate after our side of the handshake is done, so its refusal
+    arrives as an alert on the first read, or as a bare close before any HTTP/2 byte."""
+    if conn.close_reason == HANDSHAKE_TIMED_OUT:
+        return H2HandshakeFailure("no HTTP/2 SETTINGS from the server in time")
+    if isinstance(conn.lost_exc, ssl.SSLError):
+        return TlsFailure(f"server refused the TLS session: {describe_ssl_error(conn.lost_exc)}")
+    if not conn.received_any:
+        return TlsFailure(
+            "server closed the TLS session before HTTP/2 started (it refused our certificate or identity)"
+        )
+    if isinstance(exc, HboneError):
+        return exc
+    return H2HandshakeFailure(f"HTTP/2 handshake failed: {exc}")
+
+
+def _settings_received(conn: HboneConnection) -> bool:
+    """The server's SETTINGS came: from then on a failure is the connection's or a stream's, not the handshake's."""
+    ready = conn.ready
+    return ready.done() and not ready.cancelled() and ready.exception() is None
 
 
 async def _h2_ready(conn: HboneConnection, timeout: float) -> None:
     try:
         await asyncio.wait_for(asyncio.shield(conn.ready), timeout)
     except TimeoutError as exc:
-        conn.abort("HTTP/2 handshake timed out")
+        conn.abort(HANDSHAKE_TIMED_OUT)
         raise H2HandshakeFailure("no HTTP/2 SETTINGS from the server in time") from exc
     except Exception as exc:
         conn.abort(f"HTTP/2 handshake failed: {exc}")
-        # In TLS 1.3 the server checks our certificate after our side of the handshake is done, so its
-        # refusal arrives as an alert on the first read, or as a bare close before any HTTP/2 byte.
-        if isinstance(conn.lost_exc, ssl.SSLError):
-            raise TlsFailure(f"server refused the TLS session: {describe_ssl_error(conn.lost_exc)}") from exc
-        if not conn.received_any:
-            raise TlsFailure(
-                "server closed the TLS session before HTTP/2 started (it refused our certificate or identity)"
-            ) from exc
-        if isinstance(exc, HboneError):
+        failure = _handshake_failure(conn, exc)
+        if failure is exc:
             raise
-        raise H2HandshakeFailure(f"HTTP/2 handshake failed: {exc}") from exc
+        raise failure from exc
 
 
 async def client_over(
@@ -49,8 +67,14 @@ async def client_over(
     name: str = "",
     timeout: float = CONNECT_TIMEOUT,
     close_when_idle: bool = False,
+    wait_for_settings: bool = True,
 ) -> HboneConnection:
-    """mTLS + HTTP/2 client over an already open transport (a TCP socket, or a CONNECT stream)."""
+    """mTLS + HTTP/2 client over an already open transport (a TCP socket, or a CONNECT stream).
+
+    With `wait_for_settings` False the connection is returned as soon as TLS is done, the server's identity
+    checked and our preface sent: HTTP/2 lets a client send its first request before the server's SETTINGS
+    arrive (RFC 9113 §3.4), which saves a round trip. A failure before those SETTINGS then shows on the first
+    stream: open it with `open_first_stream`, which reports such a failure as the handshake's."""
     try:
         tls, placeholder = await wrap_tls(transport, context, server_side=False, timeout=timeout)
     except (ssl.SSLError, OSError, TimeoutError, EOFError) as exc:
@@ -76,8 +100,26 @@ async def client_over(
         close_when_idle=close_when_idle,
     )
     attach(tls, placeholder, conn)
-    await _h2_ready(conn, timeout)
+    if wait_for_settings:
+        await _h2_ready(conn, timeout)
     return conn
+
+
+async def open_first_stream(
+    conn: HboneConnection, authority: str, headers: list[tuple[str, str]] | None = None
+) -> Tunnel:
+    """`conn.open_stream` for a connection from `client_over(..., wait_for_settings=False)`: what goes wrong
+    before the server's SETTINGS came (the server refusing our certificate, say) is reported as `_h2_ready`
+    would have reported it."""
+    try:
+        return await conn.open_stream(authority, headers)
+    except Exception as exc:
+        if _settings_received(conn):
+            raise
+        failure = _handshake_failure(conn, exc)
+        if failure is exc:
+            raise
+        raise failure from exc
 
 
 async def dial(

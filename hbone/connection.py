@@ -32,6 +32,7 @@ log = logging.getLogger("hbone.connection")
 
 KiB = 1024
 MiB = 1024 * KiB
+HANDSHAKE_TIMED_OUT = "HTTP/2 handshake timed out"  # the close reason when no SETTINGS came in time
 
 
 @dataclass(frozen=True, slots=True)
@@ -525,7 +526,8 @@ class HboneConnection(asyncio.Protocol):
     def _handshake_timeout(self) -> None:
         if not self.ready.done():
             self.ready.set_exception(H2HandshakeFailure("no HTTP/2 SETTINGS from the peer in time"))
-            self.abort("HTTP/2 handshake timed out")
+            self.ready.exception()  # mark retrieved: nobody may be waiting (a CONNECT sent at once reports it)
+            self.abort(HANDSHAKE_TIMED_OUT)
 
     def _cancel_handshake_timer(self) -> None:
         if self._handshake_timer is not None:

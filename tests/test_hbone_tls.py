@@ -11,10 +11,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from certs import unrelated_ca
-from hbone.client import dial
-from hbone.errors import TlsFailure, WrongIdentity
+from hbone.client import client_over, dial, open_first_stream
+from hbone.connection import H2Settings
+from hbone.errors import H2HandshakeFailure, TlsFailure, WrongIdentity
 from hbone.identity import Identity
 from hbone.tls import ALPN, _restrict_tls13_suites, client_context, server_context
+from hbone.tlslayer import Buffered
 from tests.support.apps import TcpApp, TunnelServer, echo, stream_pair
 from tests.support.pki import TestPki, ident
 
@@ -132,6 +134,37 @@ async def test_client_from_another_trust_domain_is_refused(pki, server, echo_app
         await dial(server.address, pki.client_ctx(outsider), [SERVER])
     assert "not in trust domain 'cluster.local'" in await wait_for_log(caplog, "trust domain")
     await assert_still_serving(pki, server, echo_app)
+
+
+async def open_at_once(pki: TestPki, address: tuple[str, int], source: Identity, settings: H2Settings | None = None):
+    """A client connection that sends its CONNECT without waiting for the server's SETTINGS."""
+    transport, _ = await asyncio.get_running_loop().create_connection(Buffered, *address)
+    conn = await client_over(transport, pki.client_ctx(source), [SERVER], settings=settings, wait_for_settings=False)
+    return conn, await open_first_stream(conn, "127.0.0.1:9")
+
+
+async def test_refusal_of_a_connect_sent_before_settings_is_a_tls_failure(pki, server, echo_app, caplog) -> None:
+    """Our TLS is done before the server has judged our certificate; a CONNECT sent at once (double HBONE's
+    inner one) meets the refusal, which must still be reported as the TLS failure it is."""
+    caplog.set_level(logging.INFO)
+    with pytest.raises(TlsFailure) as info:
+        await open_at_once(pki, server.address, Identity("evil.example", "default", "client"))
+    assert "server" in str(info.value)
+    assert "not in trust domain 'cluster.local'" in await wait_for_log(caplog, "trust domain")
+    await assert_still_serving(pki, server, echo_app)
+
+
+async def test_silence_after_tls_is_a_settings_timeout_for_a_connect_sent_at_once(pki) -> None:
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # TLS, then not one HTTP/2 byte
+        writer.close()
+
+    silent = await asyncio.start_server(mute, "127.0.0.1", 0, ssl=pki.server_ctx(SERVER))
+    try:
+        with pytest.raises(H2HandshakeFailure, match="no HTTP/2 SETTINGS from the server in time"):
+            await open_at_once(pki, silent.sockets[0].getsockname()[:2], CLIENT, H2Settings(handshake_timeout=0.3))
+    finally:
+        silent.close()
 
 
 async def test_server_without_alpn_h2_is_refused(pki) -> None:

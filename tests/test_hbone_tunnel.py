@@ -7,7 +7,7 @@ import hashlib
 
 import pytest
 
-from hbone.client import client_over, dial
+from hbone.client import client_over, dial, open_first_stream
 from hbone.errors import ConnectRefused
 from hbone.pool import Pool, PoolKey
 from tests.support.apps import (
@@ -203,8 +203,11 @@ async def test_refused_connect_status_reaches_client(pki: TestPki) -> None:
     await srv.close()
 
 
-async def test_double_hbone_tls_and_http2_inside_a_connect_stream(pki: TestPki) -> None:
-    """An outer tunnel to a relay (a gateway stand-in) carries an inner mTLS + HTTP/2 CONNECT end to end."""
+@pytest.mark.parametrize("wait_for_settings", [True, False], ids=["after-settings", "connect-at-once"])
+async def test_double_hbone_tls_and_http2_inside_a_connect_stream(pki: TestPki, wait_for_settings: bool) -> None:
+    """An outer tunnel to a relay (a gateway stand-in) carries an inner mTLS + HTTP/2 CONNECT end to end;
+    also when the inner CONNECT follows the preface at once, before the server's SETTINGS (as ztunnel's
+    double HBONE sends it)."""
     gateway_id, inner_id = ident("gateway", "istio-system"), ident("inner-server")
     inner = await TunnelServer(inner_id, lambda: pki.server_ctx(inner_id, "cluster2")).start()
     outer = await TunnelServer(gateway_id, lambda: pki.server_ctx(gateway_id, "cluster2")).start()
@@ -213,11 +216,12 @@ async def test_double_hbone_tls_and_http2_inside_a_connect_stream(pki: TestPki) 
     outer_conn = await dial(outer.address, pki.client_ctx(CLIENT), [gateway_id])
     # The outer CONNECT reaches the inner server's 15008 stand-in, bytes relayed opaquely.
     outer_tunnel = await outer_conn.open_stream(f"{inner.address[0]}:{inner.address[1]}")
-    inner_conn = await client_over(outer_tunnel, pki.client_ctx(CLIENT), [inner_id], name="inner")
-    assert inner_conn.peer_identity == inner_id
-    inner_tunnel = await inner_conn.open_stream(
-        f"127.0.0.1:{app.port}", [("x-forwarded-network", "network1")]
+    inner_conn = await client_over(
+        outer_tunnel, pki.client_ctx(CLIENT), [inner_id], name="inner", wait_for_settings=wait_for_settings
     )
+    assert inner_conn.peer_identity == inner_id
+    assert inner_conn.ready.done() is wait_for_settings
+    inner_tunnel = await open_first_stream(inner_conn, f"127.0.0.1:{app.port}", [("x-forwarded-network", "network1")])
     assert inner_tunnel.header_values("baggage", response=True) == [b"k8s.cluster.name=test"]
     reader, writer = stream_pair(inner_tunnel)
     body = pattern(11, 5 * MiB + 1)
