@@ -1,4 +1,4 @@
-"""The CPU `h11` alone needs for one request through an HTTP/1.1 proxy: a floor for the waypoint's figure.
+"""The CPU `h11` alone needs for one request through an HTTP/1.1 proxy: a reference for the waypoint's figure.
 
 For every request the waypoint parses the client's request (Request, EndOfMessage), writes it upstream
 (Request, EndOfMessage), parses the upstream's response (Response, Data, EndOfMessage) and writes it to the
