@@ -58,10 +58,11 @@ class _AccessHandler(logging.StreamHandler):  # type: ignore[type-arg]
         if self._pending_size >= FLUSH_BYTES:
             self.flush()
             return
+        # A flush is already due on the loop that runs: nothing to arrange (asking asyncio which loop runs
+        # costs a getpid system call, once per line otherwise).
         timer_loop = self._timer_loop
         if self._timer is not None and timer_loop is not None and timer_loop.is_running():
-            return  # a flush is already due on the loop that runs (asking asyncio which loop that is costs a
-            # getpid system call per line)
+            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
