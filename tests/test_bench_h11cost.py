@@ -14,6 +14,6 @@ def test_each_round_forwards_the_request_and_the_response_whole() -> None:
     assert downstream.our_state is h11.IDLE and upstream.our_state is h11.IDLE
 
 
-def test_the_figure_is_cpu_seconds_per_1000_requests() -> None:
-    figure = h11cost.cpu_per_1000_requests(seconds=0.05)
-    assert 0.0 < figure < 10.0  # a sanity range only: timing is the bench's business, not the tests'
+def test_the_figure_comes_from_requests_actually_run() -> None:
+    # Only that some CPU was measured over the requests run: how much is the bench's business, not the tests'.
+    assert h11cost.cpu_per_1000_requests(seconds=0.05) > 0.0
