@@ -21,12 +21,12 @@ from http import HTTPStatus
 import h11
 
 from waypoint_py.errors import DownstreamGone, DownstreamProtocolError
+from waypoint_py.h1_heads import MAX_HEAD_BYTES, scan
 from waypoint_py.http_types import Headers, RequestHead, ResponseHead, end_to_end
 from waypoint_py.streams import JOIN_LIMIT, READ_SIZE, write_parts
 
 log = logging.getLogger("waypoint.http1")
 
-MAX_HEAD_BYTES = 64 * 1024
 # After a response, an unread request body up to this size is read and dropped so the connection can be
 # kept; a bigger one closes the connection instead.
 DISCARD_LIMIT = 256 * 1024
@@ -212,17 +212,9 @@ class Http1Exchange:
         # is one Host on HTTP/1.1, at most one Transfer-Encoding, chunked, and Content-Lengths that agree).
         headers: Headers = list(request.headers)
         target = request.target
-        size = len(request.method) + len(target) + 12  # request line: two spaces, "HTTP/1.1", CRLF
-        length = encoding = host = None
-        for name, value in headers:
-            size += len(name) + len(value) + 4
-            if name == b"content-length":
-                length = value
-            elif name == b"transfer-encoding":
-                encoding = value
-            elif name == b"host":
-                host = value
-        if size > MAX_HEAD_BYTES:
+        lines, length, encoding, host = scan(headers)
+        # request line: two spaces, "HTTP/1.1", CRLF
+        if len(request.method) + len(target) + 12 + lines > MAX_HEAD_BYTES:
             raise BadRequest("request head too large", 431)
         if encoding is not None and length is not None:
             raise BadRequest("both Content-Length and Transfer-Encoding")

@@ -15,10 +15,9 @@ import asyncio
 import h11
 
 from waypoint_py.errors import UpstreamProtocolError, UpstreamReset
+from waypoint_py.h1_heads import MAX_HEAD_BYTES, scan
 from waypoint_py.http_types import Headers, RequestHead, ResponseHead, end_to_end, first
 from waypoint_py.streams import READ_SIZE, write_parts
-
-MAX_HEAD_BYTES = 64 * 1024
 
 _END = h11.EndOfMessage()  # immutable: one serves every request
 _DONE, _NEED_DATA, _PAUSED = h11.DONE, h11.NEED_DATA, h11.PAUSED
@@ -119,17 +118,10 @@ class Http1Upstream:
                 raise UpstreamReset(f"upstream closed the connection before the response ({kind.__name__})")
             # 100 Continue and friends: we already answered the client's Expect ourselves.
         headers: Headers = list(event.headers)  # type: ignore[union-attr]
-        size = len(event.reason) + 15  # type: ignore[union-attr]  # status line
-        length = encoding = False
-        for name, value in headers:
-            size += len(name) + len(value) + 4
-            if name == b"content-length":
-                length = True
-            elif name == b"transfer-encoding":
-                encoding = True
-        if size > MAX_HEAD_BYTES:
+        lines, length, encoding, _ = scan(headers)
+        if len(event.reason) + 15 + lines > MAX_HEAD_BYTES:  # type: ignore[union-attr]  # + the status line
             raise UpstreamProtocolError("upstream sent malformed HTTP/1.1: response head too big")
-        if encoding and length:
+        if encoding is not None and length is not None:
             # Transfer-Encoding wins (RFC 9112 §6.3); the Content-Length must not travel on, nor the stream.
             headers = [(k, v) for k, v in headers if k != b"content-length"]
             self._keep = False
