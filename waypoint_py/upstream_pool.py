@@ -24,7 +24,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Hashable
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from mesh.metrics import PeerLabels
 from mesh.routing import Hop, HopKind
@@ -43,6 +43,7 @@ IDLE_TIMEOUT = 60.0
 H2_MAX_STREAMS = 100
 
 Key = tuple[Hashable, ...]
+_C = TypeVar("_C")  # a pooled connection of either kind
 
 
 def endpoint_key(hop: Hop, protocol: str, baggage: str) -> Key | None:
@@ -253,12 +254,7 @@ class UpstreamPool:
         conn.close()
 
     def _drop_idle(self, conn: H1Connection) -> None:
-        idle = self._idle.get(conn.key) if conn.key is not None else None
-        if idle is not None:
-            with contextlib.suppress(ValueError):
-                idle.remove(conn)
-            if not idle:
-                del self._idle[conn.key]  # type: ignore[arg-type]
+        _discard(self._idle, conn.key, conn)
         conn.close()
 
     # -- HTTP/2 -------------------------------------------------------------------------------------------
@@ -304,12 +300,7 @@ class UpstreamPool:
 
     def _h2_gone(self, conn: H2Connection) -> None:
         conn.retired = True
-        conns = self._h2.get(conn.key) if conn.key is not None else None
-        if conns is not None:
-            with contextlib.suppress(ValueError):
-                conns.remove(conn)
-            if not conns:
-                del self._h2[conn.key]  # type: ignore[arg-type]
+        _discard(self._h2, conn.key, conn)
 
     # -- housekeeping ------------------------------------------------------------------------------------
     def _on_state(self, state: MeshState) -> None:
@@ -373,3 +364,13 @@ def _still_there(state: MeshState, hop: Hop) -> bool:
     if workload is None:
         return True
     return state.workload_by_uid(workload.uid) == workload
+
+
+def _discard(table: dict[Key, list[_C]], key: Key | None, conn: _C) -> None:
+    """Take `conn` out of the list `table` keeps for `key`, and the key out of `table` with its last one."""
+    conns = table.get(key) if key is not None else None
+    if conns is not None:
+        with contextlib.suppress(ValueError):
+            conns.remove(conn)
+        if not conns:
+            del table[key]  # type: ignore[index]
