@@ -74,6 +74,9 @@ class Ratio:
     key: str
     baseline: str
     header: str
+    # Also print the lowest and highest ratio of one round (run i of the variant over run i of the baseline:
+    # runs take turns, so those two were measured minutes apart at most). For ratios a target is judged by.
+    spread: bool = False
 
 
 @dataclass
@@ -117,6 +120,20 @@ class ScenarioResult:
             return None
         return mine / theirs
 
+    def round_ratios(self, variant: VariantResult, ratio: Ratio) -> list[float]:
+        """`ratio` of each round that measured both the variant and its baseline."""
+        try:
+            base = self.variant(ratio.baseline.format(**variant.tags))
+        except KeyError:
+            return []
+        if base is None or base is variant:
+            return []
+        return [
+            mine[ratio.key] / theirs[ratio.key]
+            for mine, theirs in zip(variant.runs, base.runs, strict=False)
+            if ratio.key in mine and theirs.get(ratio.key)
+        ]
+
     def to_json(self) -> dict[str, Any]:
         return {
             "title": self.title,
@@ -126,6 +143,7 @@ class ScenarioResult:
                     "median": {c.key: v.median(c.key) for c in self.columns},
                     "runs": v.runs,
                     "ratios": {r.header: self.ratio(v, r) for r in self.ratios},
+                    "round_ratios": {r.header: self.round_ratios(v, r) for r in self.ratios if r.spread},
                 }
                 for v in self.variants
             },

@@ -30,7 +30,11 @@ def table(result: ScenarioResult) -> str:
             row.append(text)
         for r in result.ratios:
             ratio = result.ratio(v, r)
-            row.append("-" if ratio is None else f"{ratio:.2f}x")
+            text = "-" if ratio is None else f"{ratio:.2f}x"
+            rounds = result.round_ratios(v, r) if r.spread and ratio is not None else []
+            if len(rounds) > 1:
+                text += f" ({min(rounds):.2f}-{max(rounds):.2f})"
+            row.append(text)
         rows.append(row)
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=True)]
 

@@ -175,7 +175,7 @@ def run(ctx: Context) -> ScenarioResult:
         ],
         variants=results,
         ratios=[
-            Ratio("mbps", ONE_HOP, "MB/s vs 1 hop"),
+            Ratio("mbps", ONE_HOP, "MB/s vs 1 hop", spread=True),
             Ratio("mbps", DIRECT, "MB/s vs direct"),
             Ratio("p50_ms", ONE_HOP, "p50 vs 1 hop"),
             Ratio("cpu_path", ONE_HOP, "CPU/req vs 1 hop"),

@@ -207,7 +207,7 @@ COLUMNS = [
     Column("peak_rss_server", "srv RSS MiB", "{:.0f}"),
 ]
 RATIOS = [
-    Ratio("mbps", STUNNEL, "MB/s vs stunnel"),
+    Ratio("mbps", STUNNEL, "MB/s vs stunnel", spread=True),
     Ratio("mbps", PLAIN, "MB/s vs plain"),
     Ratio("cpu_pair", STUNNEL, "CPU/GiB vs stunnel"),
 ]

@@ -155,7 +155,7 @@ def run(ctx: Context) -> ScenarioResult:
         variants=results,
         ratios=[
             Ratio("rps", DIRECT, "req/s vs direct"),
-            Ratio("added_p50_ms", STUNNEL, "added p50 vs stunnel"),
+            Ratio("added_p50_ms", STUNNEL, "added p50 vs stunnel", spread=True),
             Ratio("cpu_path", STUNNEL, "CPU/req vs stunnel"),
         ],
         notes=notes,
