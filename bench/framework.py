@@ -108,12 +108,17 @@ class ScenarioResult:
     def variant(self, name: str) -> VariantResult | None:
         return next((v for v in self.variants if v.name == name), None)
 
-    def ratio(self, variant: VariantResult, ratio: Ratio) -> float | None:
+    def _baseline(self, variant: VariantResult, ratio: Ratio) -> VariantResult | None:
+        """The variant `ratio` compares `variant` with; None if it has none (or is its own baseline)."""
         try:
             base = self.variant(ratio.baseline.format(**variant.tags))
         except KeyError:
             return None
-        if base is None or base is variant:
+        return None if base is variant else base
+
+    def ratio(self, variant: VariantResult, ratio: Ratio) -> float | None:
+        base = self._baseline(variant, ratio)
+        if base is None:
             return None
         mine, theirs = variant.median(ratio.key), base.median(ratio.key)
         if mine is None or not theirs:
@@ -122,11 +127,8 @@ class ScenarioResult:
 
     def round_ratios(self, variant: VariantResult, ratio: Ratio) -> list[float]:
         """`ratio` of each round that measured both the variant and its baseline."""
-        try:
-            base = self.variant(ratio.baseline.format(**variant.tags))
-        except KeyError:
-            return []
-        if base is None or base is variant:
+        base = self._baseline(variant, ratio)
+        if base is None:
             return []
         return [
             mine[ratio.key] / theirs[ratio.key]

@@ -1,5 +1,5 @@
-"""The h11 floor the waypoint benchmark reports must drive h11 through a real proxied exchange (what it times
-is only meaningful if every request and response really goes through both connections)."""
+"""The h11 figure the waypoint benchmark reports for reference must drive h11 through a real proxied exchange
+(what it times is only meaningful if every request and response really goes through both connections)."""
 
 import h11
 

@@ -70,7 +70,7 @@ def run(ctx: Context) -> ScenarioResult:
         ],
     )
     ctx.wait_quiet()
-    h11_floor = h11cost.cpu_per_1000_requests()
+    h11_alone = h11cost.cpu_per_1000_requests()
     l4 = next(v for v in results if v.name == L4.format(mode=chosen[0].label))
     legs = (l4.median("cpu_src") or 0.0) + (l4.median("cpu_dst") or 0.0)
     notes = [
@@ -81,7 +81,7 @@ def run(ctx: Context) -> ScenarioResult:
         "destination ztunnel",
         "target (issue 5): ≤ 0.25 vCPU per 1000 req/s for the waypoint",
         f"for reference, measured in this run: h11 alone, the 11 events the waypoint parses or writes per "
-        f"request (bench/h11cost.py, warm, in one process; a lower bound of h11's share): {h11_floor:.3f} CPU s "
+        f"request (bench/h11cost.py, warm, in one process; a lower bound of h11's share): {h11_alone:.3f} CPU s "
         f"per 1000 requests; the two ztunnels of the L4 path together (the waypoint's two HBONE ends plus two "
         f"plain TCP legs and twice the wake-ups: an upper bound for the waypoint's legs): {legs:.3f}",
     ]
@@ -104,5 +104,5 @@ def run(ctx: Context) -> ScenarioResult:
         ],
         notes=notes,
         details=details,
-        extra={"h11_cpu_per_1000_requests": h11_floor, "l4_ztunnels_cpu_per_1000_requests": legs},
+        extra={"h11_cpu_per_1000_requests": h11_alone, "l4_ztunnels_cpu_per_1000_requests": legs},
     )
