@@ -26,9 +26,14 @@ class HopKind(enum.Enum):
 
 
 class RoutingError(Exception):
-    """No way to reach the destination; `flag` is the metric's response_flags value."""
+    """No way to reach the destination; `flag` is the metric's response_flags value, `service` the service
+    the client meant when that much was resolved (for destination_service)."""
 
     flag = "CONNECT"
+
+    def __init__(self, message: str, service: Service | None = None) -> None:
+        super().__init__(message)
+        self.service = service
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +110,21 @@ class Router:
         skip_waypoint_of: Identity | None = None,
     ) -> Hop:
         """A connection to a service: its waypoint if it has one, else one of its endpoints."""
+        try:
+            return self._route_service(source, service, port, original, skip_waypoint_of)
+        except RoutingError as exc:
+            if exc.service is None:
+                exc.service = service
+            raise
+
+    def _route_service(
+        self,
+        source: Workload | None,
+        service: Service,
+        port: int,
+        original: tuple[str, int] | None,
+        skip_waypoint_of: Identity | None,
+    ) -> Hop:
         if service.waypoint is not None:
             waypoint = self._pick_gateway_workload(service.waypoint, source)
             if waypoint is None:

@@ -103,8 +103,12 @@ def test_hostname_routes_like_the_vip(router: Router, sleep) -> None:  # type: i
 
 
 def test_what_cannot_be_reached_says_why(router: Router, sleep) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(RoutingError, match="no endpoint for port 80"):
+    with pytest.raises(RoutingError, match="no endpoint for port 80") as refused:
         router.route(sleep, "10.96.0.5", 80)
+    assert refused.value.service is not None  # the service was resolved: metrics name it
+    with pytest.raises(RoutingError, match="unknown hostname") as unknown:
+        router.route_hostname(sleep, "nope.default.svc.cluster.local", 80)
+    assert unknown.value.service is None
     # A remote endpoint cannot be verified without the service's identities.
     for _ in range(20):
         with pytest.raises(RoutingError, match="subjectAltNames"):

@@ -163,6 +163,23 @@ async def test_metrics_on_both_sides(mesh) -> None:
         )
 
 
+async def test_known_service_without_endpoint_is_refused_and_counted_as_failed(mesh) -> None:
+    code, _out, err = await run_curl(*socks(f"http://{ECHO_HOST}:81/"))
+    assert code == 97, err  # the SOCKS reply refused the connection
+    assert "(4)" in err.decode()  # reply code 4: host unreachable
+    assert "has no endpoint for port 81" in mesh["ztunnels"][0].logs()
+    text = await scrape(f"{Z1}:15020")
+    # Opened carries no flag, like every other connection; closed and failed carry the reason. The
+    # service was resolved, so it is named.
+    ((opened_labels, opened),) = metric_samples(text, "istio_tcp_connections_opened_total")
+    assert opened == 1 and opened_labels["response_flags"] == "-"
+    assert opened_labels["destination_service"] == ECHO_HOST
+    assert opened_labels["destination_service_name"] == "echo"
+    ((failed_labels, failed),) = metric_samples(text, "istio_tcp_connections_failed_total")
+    assert failed == 1 and failed_labels["response_flags"] == "CONNECT"
+    assert failed_labels["destination_service"] == ECHO_HOST and failed_labels["reporter"] == "source"
+
+
 async def test_deny_policy_refuses_with_401_and_deny_flag_on_both_sides(mesh) -> None:
     deny = {
         "name": "deny-sleep",

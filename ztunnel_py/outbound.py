@@ -19,7 +19,7 @@ from hbone.relay import Relay
 from hbone.tlslayer import Buffered
 from hbone.tunnel import Tunnel
 from mesh.metrics import NO_FLAGS, PeerLabels, TrafficLabels
-from mesh.model import Workload
+from mesh.model import Service, Workload
 from mesh.routing import Hop, HopKind, RoutingError
 from ztunnel_py.headers import X_FORWARDED_NETWORK, connect_headers
 from ztunnel_py.node import Node
@@ -88,7 +88,8 @@ class Outbound:
                 hop = router.route(source, request.host, request.port)
         except RoutingError as exc:
             log.warning("no route from %s to %s:%d: %s", source.name, request.host, request.port, exc)
-            labels = self._labels(source, None, request, flags=exc.flag)
+            # Opened carries no flag (as every other connection); closed and failed carry the reason.
+            labels = self._labels(source, None, request, service=exc.service)
             node.tcp.open(labels).close(exc.flag)
             outcome(SOCKS_HOST_UNREACHABLE)
             transport.close()
@@ -173,13 +174,14 @@ class Outbound:
         hop: Hop | None,
         request: OutboundRequest,
         *,
-        flags: str = NO_FLAGS,
         inner: Tunnel | None = None,
+        service: Service | None = None,
     ) -> TrafficLabels:
         mtls = hop is not None and hop.kind in (HopKind.HBONE, HopKind.DOUBLE_HBONE)
         src = PeerLabels.of_workload(source, principal=source.identity if mtls else None)
         dst = PeerLabels()
-        service = hop.service if hop is not None else None
+        if hop is not None:
+            service = hop.service
         if hop is not None and hop.workload is not None:
             if hop.kind is HopKind.DOUBLE_HBONE:
                 # The remote endpoint is known only through the inner CONNECT's answer: its verified
@@ -198,7 +200,7 @@ class Outbound:
             destination_service=service.hostname if service else None,
             destination_service_namespace=service.namespace if service else None,
             destination_service_name=service.name if service else None,
-            response_flags=flags,
+            response_flags=NO_FLAGS,
             connection_security_policy="mutual_tls" if mtls else "unknown",
         )
 
