@@ -23,7 +23,7 @@ class SourceLabeller:
     the state only describes this network, so a lookup by identity would be a guess. With
     AMBIENT_ENABLE_BAGGAGE on, the outer `baggage` (which the source ztunnel or waypoint always sends)
     describes the peer, parsed with bounds; even then the namespace is the certificate's, so a peer can
-    describe itself but not claim to live somewhere else.
+    describe itself but not claim to live somewhere else. Without baggage only the principal is known.
     """
 
     def __init__(self, baggage_enabled: bool, baggage_metrics: BaggageMetrics) -> None:
@@ -39,7 +39,9 @@ class SourceLabeller:
             if result.baggage != baggage.EMPTY:
                 labels = PeerLabels.of_baggage(result.baggage, principal=identity)
                 return dataclasses.replace(labels, namespace=identity.namespace)
-        return PeerLabels(principal=str(identity), namespace=identity.namespace)
+        # Without baggage, a peer from another network is its verified identity and nothing more (SPEC §4.3:
+        # its labels are `unknown`), as ztunnel and the waypoint report it.
+        return PeerLabels(principal=str(identity))
 
 
 def destination_peer(workload: Workload) -> PeerLabels:

@@ -439,7 +439,8 @@ class HttpMetrics:
     ) -> None:
         # grpc_response_status is empty for plain HTTP (Envoy does the same); Prometheus treats an empty
         # label as absent, which is what "only present for gRPC" means to a query.
-        grpc = "" if grpc_status is None else str(grpc_status)
+        # gRPC without a status is `unknown`, as every missing value.
+        grpc = "" if grpc_status is None else (str(grpc_status) or "unknown")
         values = (*labels.values(), str(response_code), grpc)
         self.requests.labels(*values).inc()
         self.duration.labels(*values).observe(duration_ms)

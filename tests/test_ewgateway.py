@@ -561,6 +561,12 @@ async def test_streams_of_one_pooled_connection_spread_evenly(
             assert abs(count / total - 1 / 3) <= 0.10, f"{n} got {count} of {total}: {counts}"
             # ...and each stream's inner TLS really ended at the endpoint that counted it.
             assert served.count(server_identity(n)) == count
+        # Baggage off: the peer from another network is only its verified identity (SPEC §4.3), nothing
+        # read out of its certificate or guessed from the mesh state.
+        text = await gateway.metrics()
+        assert samples(text, "istio_tcp_connections_opened_total", source_principal=str(SLEEP),
+                       source_workload="unknown", source_workload_namespace="unknown",
+                       source_cluster="unknown") == total  # fmt: skip
     finally:
         await connector.pool.close()
         for s in servers:

@@ -16,6 +16,7 @@ import pytest
 from mesh.accesslog import format_text
 from mesh.metrics import PeerLabels
 from mesh.model import Service
+from tests.support.daemons import metric_samples
 from tests.support.http_clients import Http1Client, grpc_calls, open_tunnel
 from tests.support.pki import TestPki
 from tests.support.standins import FakeWriter, reader_with
@@ -169,9 +170,10 @@ def test_access_line_is_format_text() -> None:
     logger.propagate = False
     logger.setLevel(logging.INFO)
     logger.addHandler(Capture())
-    from prometheus_client import CollectorRegistry
+    from prometheus_client import CollectorRegistry, generate_latest
 
-    telemetry = RequestTelemetry(CollectorRegistry(), AccessLog("text", logger))
+    registry = CollectorRegistry()
+    telemetry = RequestTelemetry(registry, AccessLog("text", logger))
     svc = Service(name="echo", namespace="default", hostname="echo.default.svc.cluster.local")
     src = PeerLabels(workload="sleep", namespace="default", principal="spiffe://cluster.local/ns/default/sa/sleep")
     dst = PeerLabels(workload="echo", namespace="default")
@@ -191,6 +193,11 @@ def test_access_line_is_format_text() -> None:
             fields = telemetry._fields(r, r.response_flags, 12.3)
             assert stamp.sub("", lines[-1]) == stamp.sub("", format_text(MESSAGE, fields))
     assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z info access request complete ", lines[-1])
+    # grpc_response_status: empty for plain HTTP, the status for gRPC, `unknown` for gRPC without one.
+    text = generate_latest(registry).decode()
+    statuses = {(labels["request_protocol"], labels["grpc_response_status"])
+                for labels, _ in metric_samples(text, "istio_requests_total")}  # fmt: skip
+    assert statuses == {("http", ""), ("grpc", "14"), ("grpc", "unknown")}
 
 
 # -- the pool on its own ---------------------------------------------------------------------------------------

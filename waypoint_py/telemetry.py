@@ -100,7 +100,8 @@ class RequestTelemetry:
     def record(self, r: RequestReport, ended: float) -> None:
         duration_ms = max(0.0, (ended - r.started) * 1000.0)
         flags = r.response_flags
-        grpc_status = (r.grpc_status or "") if r.grpc else None
+        # gRPC without a status (no response, no trailers) is `unknown`, as every missing value (SPEC §7).
+        grpc_status = (r.grpc_status or "unknown") if r.grpc else None
         self._metrics(r, flags, grpc_status, duration_ms)
         if not self._logger.isEnabledFor(logging.INFO):
             return  # nobody listens: no line is formatted

@@ -73,7 +73,8 @@ class UpstreamDialer:
     async def _open(self, hop: Hop, own_baggage: str, forwarded_for: str) -> UpstreamStream:
         if hop.kind is HopKind.TCP:
             reader, writer = await open_tcp_streams(*hop.address)
-            labels = PeerLabels.of_workload(hop.workload) if hop.workload is not None else PeerLabels()
+            labels = (PeerLabels.of_workload(hop.workload, principal=hop.workload.identity)
+                      if hop.workload is not None else PeerLabels())  # fmt: skip
             return UpstreamStream(reader, writer, hop, labels, _address(hop.address))
         headers = self._headers(hop, own_baggage, forwarded_for)
         if hop.kind is HopKind.HBONE:
