@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from hbone.baggage import WORKLOAD_TYPES
+from hbone.baggage import MAX_VALUE_BYTES, WORKLOAD_TYPES, is_valid_value
 from hbone.identity import DEFAULT_TRUST_DOMAIN, SPIFFE_PREFIX, Identity, IdentityError
 from mesh.model import (
     DEFAULT_HBONE_PORT,
@@ -253,6 +253,14 @@ class _Obj:
     def string(self, key: str, default: str = "", *, empty: bool = True) -> str:
         return self.r.string(self.get(key, default), self.at(key), empty=empty)
 
+    def label(self, key: str, *, empty: bool = True) -> str:
+        """A string that peers learn through `baggage`: held to what a peer accepts there (SPEC §4.2), so that
+        no value is sent to one side and silently missing on the other."""
+        value = self.string(key, empty=empty)
+        if value and not is_valid_value(value):
+            raise self.r.fail(self.at(key), f"at most {MAX_VALUE_BYTES} characters of A-Z a-z 0-9 . _ -", value)
+        return value
+
     def opt(self, key: str, read: Callable[[Any, str], T]) -> T | None:
         """An optional sub-value: None when absent, else `read(value, path)`."""
         return read(self.value[key], self.at(key)) if self.has(key) else None
@@ -305,7 +313,7 @@ _WORKLOAD_KEYS = (
 def _workload(r: _Reader, value: Any, path: str) -> Workload:
     o = r.obj(value, path, _WORKLOAD_KEYS, required=("name", "namespace"))
     name = o.string("name", empty=False)
-    namespace = o.string("namespace", empty=False)
+    namespace = o.label("namespace", empty=False)
     loc = r.obj(o.get("locality", {}), o.at("locality"), ("region", "zone", "subzone"))
     kind = o.string("workloadType", "deployment").lower()
     if kind not in WORKLOAD_TYPES:
@@ -330,12 +338,12 @@ def _workload(r: _Reader, value: Any, path: str) -> Workload:
         workload_ips=r.each(o.get("workloadIps"), o.at("workloadIps"), r.ip),
         protocol=r.enum(Protocol, o.get("protocol", "TCP"), o.at("protocol")),
         network=o.string("network"),
-        cluster_id=o.string("clusterId"),
-        workload_name=o.string("workloadName"),
+        cluster_id=o.label("clusterId"),
+        workload_name=o.label("workloadName"),
         workload_type=kind,
-        canonical_name=o.string("canonicalName"),
-        canonical_revision=o.string("canonicalRevision"),
-        locality=Locality(loc.string("region"), loc.string("zone"), loc.string("subzone")),
+        canonical_name=o.label("canonicalName"),
+        canonical_revision=o.label("canonicalRevision"),
+        locality=Locality(loc.label("region"), loc.label("zone"), loc.string("subzone")),
         node=o.string("node"),
         hostname=o.string("hostname"),
         network_mode=r.enum(NetworkMode, o.get("networkMode", "Standard"), o.at("networkMode")),

@@ -301,6 +301,10 @@ ERRORS = [
     (wl("workloadType: statefulset"), "workloads[0].workloadType", "deployment"),
     (wl("canonicalRevision: 1.0"), "workloads[0].canonicalRevision", "string"),
     (wl("locality: {region: r, city: c}"), "workloads[0].locality.city", "unknown"),
+    # Values that travel in baggage hold to what a peer keeps there, so none goes missing on the way.
+    (wl('canonicalRevision: "1.0+build5"'), "workloads[0].canonicalRevision", "A-Z a-z 0-9 . _ -"),
+    (wl('locality: {region: "us east"}'), "workloads[0].locality.region", "A-Z a-z 0-9 . _ -"),
+    (wl(f"clusterId: {'c' * 254}"), "workloads[0].clusterId", "at most 253 characters"),
     (wl("services: {svc: {80: 80}}"), "workloads[0].services['svc']", "<namespace>"),
     (wl("services: {ns/h: {80: 80}}"), "workloads[0].services['ns/h']", "defined"),
     (
