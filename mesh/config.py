@@ -581,9 +581,20 @@ def _route_rule(r: _Reader, value: Any, path: str, namespace: str) -> RouteRule:
 def _route(r: _Reader, value: Any, path: str) -> Route:
     o = r.obj(value, path, ("name", "namespace", "hostnames", "rules"), required=("name", "namespace"))
     namespace = o.string("namespace", empty=False)
-    hostnames = r.each(o.get("hostnames"), o.at("hostnames"), lambda v, p: r.string(v, p, empty=False))
+    hostnames = r.each(o.get("hostnames"), o.at("hostnames"), lambda v, p: _route_hostname(r, v, p))
     rules = r.each(o.get("rules"), o.at("rules"), lambda v, p: _route_rule(r, v, p, namespace))
     return Route(o.string("name", empty=False), namespace, hostnames, rules)
+
+
+_HOSTNAME = re.compile(r"(\*\.)?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
+
+
+def _route_hostname(r: _Reader, value: Any, path: str) -> str:
+    """A route hostname as Gateway API writes it: a DNS name, or `*.` + one for every host under it."""
+    name = r.string(value, path, empty=False).lower()
+    if len(name) > 253 or not _HOSTNAME.fullmatch(name):
+        raise r.fail(path, "a DNS name, or *.<domain> (a wildcard only as the whole first label)", value)
+    return name
 
 
 # --- Cross-references ---------------------------------------------------------------------------------

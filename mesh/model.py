@@ -416,8 +416,19 @@ class RouteRule:
 class Route:
     name: str
     namespace: str
-    hostnames: tuple[str, ...] = ()  # empty: every host
+    hostnames: tuple[str, ...] = ()  # lower case; empty: every host
     rules: tuple[RouteRule, ...] = ()
 
     def matches_host(self, host: str) -> bool:
-        return not self.hostnames or host in self.hostnames
+        """Gateway API hostname matching: exact, or `*.<domain>` for any host with one or more labels in front
+        of `.<domain>` (not `<domain>` itself); case-insensitive."""
+        if not self.hostnames:
+            return True
+        host = host.lower()
+        for name in self.hostnames:
+            if name.startswith("*."):
+                if host.endswith(name[1:]):
+                    return True
+            elif host == name:
+                return True
+        return False

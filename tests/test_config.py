@@ -235,6 +235,19 @@ def test_routes() -> None:
     assert third.matches_request("DELETE", "/anything", {})
 
 
+def test_route_hostnames_exact_and_wildcard() -> None:
+    text = ROUTES.replace('hostnames: ["reviews.default.svc.cluster.local"]',
+                          'hostnames: ["Reviews.default.svc.cluster.local", "*.example.com"]')  # fmt: skip
+    (route,) = parse_config(text, "routes.yaml").routes
+    assert route.hostnames == ("reviews.default.svc.cluster.local", "*.example.com")
+    assert route.matches_host("reviews.default.svc.cluster.local")
+    assert route.matches_host("REVIEWS.default.svc.cluster.local")
+    # Gateway API: the wildcard stands for one or more whole labels, and not for the domain itself.
+    assert route.matches_host("a.example.com") and route.matches_host("a.b.example.com")
+    assert not route.matches_host("example.com") and not route.matches_host("aexample.com")
+    assert not route.matches_host("reviews")
+
+
 @pytest.mark.parametrize(
     ("text", "seconds"),
     [("500ms", 0.5), ("2s", 2.0), ("1m", 60.0), ("1h", 3600.0), ("1m30s", 90.0), ("0s", 0.0)],
@@ -376,6 +389,8 @@ ERRORS = [
     ),
     (ROUTES.replace("port: 9080, weight", "weight"), f"{R}.backendRefs[0].port", "missing"),
     (ROUTES.replace("timeouts: {request: 2s}", "timeouts: {idle: 2s}"), f"{R}.timeouts.idle", "unknown key"),
+    (ROUTES.replace('["reviews.default', '["a.*.default'), "routes[0].hostnames[0]", "*.<domain>"),
+    (ROUTES.replace('["reviews.default', '["*reviews.default'), "routes[0].hostnames[0]", "DNS name"),
 ]
 
 
