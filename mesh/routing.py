@@ -73,21 +73,25 @@ class Router:
         dst_ip: str,
         dst_port: int,
         *,
-        skip_waypoint_of: Identity | None = None,
+        from_waypoint: bool = False,
     ) -> Hop:
-        """Route a captured connection to `dst_ip:dst_port` (a service VIP, a pod IP, or anything else)."""
+        """Route a captured connection to `dst_ip:dst_port` (a service VIP, a pod IP, or anything else).
+
+        `from_waypoint`: the caller is a waypoint routing a request, which always goes to the destination
+        itself (a pod, or one of the service's endpoints): Istio's waypoint never hands its traffic on to
+        another waypoint (SPEC §6)."""
         service = self.state.service_by_vip(self.network, dst_ip)
         if service is not None:
             return self.route_service(
-                source, service, dst_port, original=(dst_ip, dst_port), skip_waypoint_of=skip_waypoint_of
+                source, service, dst_port, original=(dst_ip, dst_port), from_waypoint=from_waypoint
             )
         workload = self.state.workload_by_address(self.network, dst_ip)
         if workload is not None:
-            return self.route_workload(source, workload, dst_ip, dst_port, skip_waypoint_of=skip_waypoint_of)
+            return self.route_workload(source, workload, dst_ip, dst_port, from_waypoint=from_waypoint)
         return Hop(HopKind.PASSTHROUGH, (dst_ip, dst_port))  # not a mesh destination
 
     def route_hostname(
-        self, source: Workload | None, hostname: str, port: int, *, skip_waypoint_of: Identity | None = None
+        self, source: Workload | None, hostname: str, port: int, *, from_waypoint: bool = False
     ) -> Hop:
         """Route to a service by hostname (SOCKS5 with a domain name)."""
         service = self.state.service_by_hostname(hostname.rstrip(".").lower(), source.namespace if source else None)
@@ -98,7 +102,7 @@ class Router:
             if vip.network == self.network:
                 original = (_ip_text(vip.address), port)
                 break
-        return self.route_service(source, service, port, original=original, skip_waypoint_of=skip_waypoint_of)
+        return self.route_service(source, service, port, original=original, from_waypoint=from_waypoint)
 
     def route_service(
         self,
@@ -107,11 +111,12 @@ class Router:
         port: int,
         *,
         original: tuple[str, int] | None = None,
-        skip_waypoint_of: Identity | None = None,
+        from_waypoint: bool = False,
     ) -> Hop:
-        """A connection to a service: its waypoint if it has one, else one of its endpoints."""
+        """A connection to a service: its waypoint if it has one (not `from_waypoint`: see `route`), else one of
+        its endpoints."""
         try:
-            return self._route_service(source, service, port, original, skip_waypoint_of)
+            return self._route_service(source, service, port, original, from_waypoint)
         except RoutingError as exc:
             if exc.service is None:
                 exc.service = service
@@ -123,18 +128,17 @@ class Router:
         service: Service,
         port: int,
         original: tuple[str, int] | None,
-        skip_waypoint_of: Identity | None,
+        from_waypoint: bool,
     ) -> Hop:
-        if service.waypoint is not None:
+        if service.waypoint is not None and not from_waypoint:
             waypoint = self._pick_gateway_workload(service.waypoint, source)
             if waypoint is None:
                 raise RoutingError(
                     f"service {service.hostname} names waypoint {service.waypoint.destination}, "
                     "which is not in the mesh state"
                 )
-            if skip_waypoint_of is None or waypoint.identity != skip_waypoint_of:
-                authority = format_authority(*original) if original else f"{service.hostname}:{port}"
-                return self._to_waypoint(waypoint, service.waypoint, authority, service, port, source)
+            authority = format_authority(*original) if original else f"{service.hostname}:{port}"
+            return self._to_waypoint(waypoint, service.waypoint, authority, service, port, source)
         endpoints = self.state.endpoints(service, port)
         chosen = choose_endpoint(
             endpoints, source=source, network=self.network, load_balancer=service.load_balancer, rng=self.rng
@@ -152,17 +156,17 @@ class Router:
         dst_ip: str,
         dst_port: int,
         *,
-        skip_waypoint_of: Identity | None = None,
+        from_waypoint: bool = False,
     ) -> Hop:
-        """A connection addressed to a pod IP."""
-        if workload.waypoint is not None:
+        """A connection addressed to a pod IP: its waypoint if it has one (not `from_waypoint`: see `route`)."""
+        if workload.waypoint is not None and not from_waypoint:
             waypoint = self._pick_gateway_workload(workload.waypoint, source)
             if waypoint is None:
                 raise RoutingError(
                     f"workload {workload.name} names waypoint {workload.waypoint.destination}, "
                     "which is not in the mesh state"
                 )
-            is_self = waypoint.identity == skip_waypoint_of or (source is not None and source.uid == waypoint.uid)
+            is_self = source is not None and source.uid == waypoint.uid
             if not is_self:
                 authority = format_authority(dst_ip, dst_port)
                 return self._to_waypoint(waypoint, workload.waypoint, authority, None, dst_port, source)

@@ -79,9 +79,20 @@ def test_service_with_a_waypoint_goes_to_it_with_the_original_destination(router
     assert hop.kind is HopKind.HBONE and hop.via_waypoint
     assert hop.address == ("10.0.1.40", 15008) and hop.authority == "10.96.0.2:9080"
     assert hop.expected == {WAYPOINT}
-    # The waypoint itself routes past its own entry, to the endpoints.
-    past = router.route_service(None, hop.service, 9080, skip_waypoint_of=WAYPOINT)  # type: ignore[arg-type]
+    # The waypoint itself routes past it, to the endpoints.
+    past = router.route_service(None, hop.service, 9080, from_waypoint=True)  # type: ignore[arg-type]
     assert past.kind is HopKind.DOUBLE_HBONE and not past.via_waypoint
+
+
+def test_a_waypoint_routes_to_the_endpoints_whatever_the_service_waypoint(router: Router) -> None:
+    reviews = router.state.service_by_hostname("reviews.default.svc.cluster.local")
+    assert reviews is not None
+    # Whichever waypoint the service names (this one or another): the endpoints, never a chain.
+    hop = router.route_service(None, reviews, 9080, from_waypoint=True)
+    assert hop.kind is HopKind.DOUBLE_HBONE and not hop.via_waypoint
+    assert hop.workload is not None and hop.workload.uid == "net2/SplitHorizonWorkload/echo"
+    # ztunnel (no from_waypoint) is unchanged: to the service's waypoint.
+    assert router.route_service(None, reviews, 9080).via_waypoint
 
 
 def test_pod_addressed_traffic(router: Router, sleep) -> None:  # type: ignore[no-untyped-def]
@@ -91,6 +102,9 @@ def test_pod_addressed_traffic(router: Router, sleep) -> None:  # type: ignore[n
     assert (legacy.kind, legacy.address) == (HopKind.TCP, ("10.0.1.30", 8080))
     pinned = router.route(sleep, "10.0.1.50", 8080)
     assert pinned.via_waypoint and pinned.authority == "10.0.1.50:8080"
+    # A waypoint sends to the pod itself, whatever waypoint the pod names.
+    direct = router.route(sleep, "10.0.1.50", 8080, from_waypoint=True)
+    assert (direct.kind, direct.address, direct.via_waypoint) == (HopKind.HBONE, ("10.0.1.50", 15008), False)
     outside = router.route(sleep, "203.0.113.9", 443)
     assert (outside.kind, outside.address) == (HopKind.PASSTHROUGH, ("203.0.113.9", 443))
 

@@ -4,11 +4,15 @@ a gateway), and upstream the waypoint sends its own baggage, never the client's.
 
 from __future__ import annotations
 
-from hbone.baggage import parse
+import re
+
+from hbone.baggage import MAX_HEADER_BYTES, REASON_NOT_ASCII, REASON_TOO_LARGE, parse
+from hbone.client import dial
 from tests.support.http_clients import Http1Client, open_tunnel
 from tests.support.pki import TestPki
 from tests.support.waypoint_mesh import (
     CLIENT_ID,
+    CLIENT_IP,
     REMOTE_ID,
     WAYPOINT_ID,
     Endpoints,
@@ -67,6 +71,9 @@ async def test_remote_destination_from_inner_response_baggage(
     assert outer.headers["baggage"] == inner.headers["baggage"] == WAYPOINT_BAGGAGE
     assert outer.headers["x-istio-source"] == "waypoint"
     assert inner.headers["x-forwarded-network"] == "net1"
+    # One trace id per connection (SPEC §3.3): the outer and the inner CONNECT of one attempt carry the same.
+    assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-00", outer.headers["traceparent"])
+    assert inner.headers["traceparent"] == outer.headers["traceparent"]
     (s,) = series(waypoint.scrape(), "istio_requests_total", destination_service=fqdn("remote"))
     assert s.labels["destination_workload"] == "remote-bg"
     assert s.labels["destination_cluster"] == "cluster2"
@@ -89,3 +96,51 @@ async def test_oversized_client_baggage_is_dropped_and_counted(
     assert s.labels["source_workload"] == "unknown"
     (dropped,) = series(samples, "istio_baggage_dropped_items_total", reason="invalid_value")
     assert dropped.value >= 1
+
+
+# Refused whole by the parser (SPEC §4.2): the header then counts as absent.
+NOT_ASCII = "k8s.deployment.name=sl\xe9ep,service.name=liar"  # sent as latin-1: one byte 0xE9
+TOO_LARGE = "service.name=liar," + "k8s.namespace.name=x," * (MAX_HEADER_BYTES // 21)
+
+
+async def test_refused_client_baggage_counts_as_absent(
+    pki: TestPki, topo: Topology, waypoint: WaypointProcess, endpoints: Endpoints
+) -> None:
+    assert parse([NOT_ASCII]).reason == REASON_NOT_ASCII and parse([TOO_LARGE]).reason == REASON_TOO_LARGE
+    for bad in (NOT_ASCII, TOO_LARGE):
+        # From the client pod's own IP: like a missing header, the state then names the client.
+        conn = await dial(waypoint.inbound, pki.client_ctx(CLIENT_ID), {WAYPOINT_ID}, local_identity=CLIENT_ID,
+                          source_ip=topo.ip(CLIENT_IP))  # fmt: skip
+        client = Http1Client(await conn.open_stream(topo.authority("echo"), [("baggage", bad)]))
+        assert (await client.request("GET", "/v2/refused", "echo")).status == 200
+        client.close()
+    samples = waypoint.scrape()
+    (s,) = series(samples, "istio_requests_total", source_workload="sleep", destination_service=fqdn("echo-v2"))
+    assert s.value == 2
+    assert (s.labels["source_canonical_service"], s.labels["source_cluster"]) == ("sleep", "cluster1")
+    assert s.labels["source_principal"] == str(CLIENT_ID)
+    for reason in (REASON_NOT_ASCII, REASON_TOO_LARGE):
+        (dropped,) = series(samples, "istio_baggage_dropped_items_total", reason=reason)
+        assert dropped.value >= 1
+
+
+async def test_refused_response_baggage_counts_as_absent(
+    pki: TestPki, topo: Topology, waypoint: WaypointProcess, endpoints: Endpoints
+) -> None:
+    endpoints.ztunnels["echo-v2"].response_baggage = NOT_ASCII
+    for name in ("echo-1", "echo-2", "echo-3"):
+        endpoints.ztunnels[name].response_baggage = TOO_LARGE
+    _, tunnel = await open_tunnel(pki, CLIENT_ID, waypoint.inbound, WAYPOINT_ID, topo.authority("echo"),
+                                  [("baggage", baggage_of("sleep-refused"))])  # fmt: skip
+    client = Http1Client(tunnel)
+    assert (await client.request("GET", "/v2/refused", "echo")).status == 200
+    assert (await client.request("GET", "/refused", "echo")).status == 200
+    client.close()
+    # A local endpoint is then named by the state, as without response baggage; never "unknown".
+    samples = series(waypoint.scrape(), "istio_requests_total", source_workload="sleep-refused")
+    by_service = {s.labels["destination_service"]: s.labels for s in samples}
+    assert set(by_service) == {fqdn("echo-v2"), fqdn("echo")}
+    v2, v1 = by_service[fqdn("echo-v2")], by_service[fqdn("echo")]
+    assert (v2["destination_workload"], v2["destination_canonical_revision"]) == ("echo-v2", "v2")
+    assert (v1["destination_workload"], v1["destination_canonical_revision"]) == ("echo", "v1")
+    assert v2["destination_principal"] == "spiffe://cluster.local/ns/default/sa/echo-v2"

@@ -157,9 +157,56 @@ def test_endpoint_choice_matches_the_router() -> None:
     chooser = EndpointChooser("n1", view.workload.identity, random.Random(1))  # type: ignore[union-attr]
     router = Router(state, "n1", random.Random(1))
     ours = Counter(chooser.pick(view, target).address for _ in range(4000))
-    theirs = Counter(router.route_service(view.workload, service, 80).address for _ in range(4000))
+    draws = (router.route_service(view.workload, service, 80, from_waypoint=True) for _ in range(4000))
+    theirs = Counter(hop.address for hop in draws)
     assert ours == theirs  # the same draws from the same seed: the same choices
     assert set(ours) == {("10.0.0.11", 15008), ("10.0.0.12", 15008)}
     assert 0.2 < ours[("10.0.0.11", 15008)] / 4000 < 0.3  # capacity 1 against 3
     hop = chooser.pick(view, target)
     assert hop == router.to_endpoint(hop.workload, 8080, service, 80)  # type: ignore[arg-type]
+
+
+CHAIN_CONFIG = """\
+workloads:
+- {uid: w1, name: waypoint, namespace: default, serviceAccount: waypoint, workloadIps: ["10.0.0.2"], protocol: HBONE,
+   network: n1, services: {"default/waypoint.default.svc.cluster.local": {15008: 15008}}}
+- {uid: w2, name: other-wp, namespace: default, serviceAccount: other-wp, workloadIps: ["10.0.0.3"], protocol: HBONE,
+   network: n1, services: {"default/other-wp.default.svc.cluster.local": {15008: 15008}}}
+- {uid: a1, name: a-1, namespace: default, serviceAccount: a, workloadIps: ["10.0.0.11"], protocol: HBONE,
+   network: n1, services: {"default/a.default.svc.cluster.local": {80: 8080}}}
+- {uid: b1, name: b-1, namespace: default, serviceAccount: b, workloadIps: ["10.0.0.12"], protocol: HBONE,
+   network: n1, services: {"default/b.default.svc.cluster.local": {80: 8081}}}
+- {uid: c1, name: c-1, namespace: default, serviceAccount: c, workloadIps: ["10.0.0.13"], protocol: HBONE,
+   network: n1, services: {"default/c.default.svc.cluster.local": {80: 8082}}}
+services:
+- {name: waypoint, namespace: default, hostname: waypoint.default.svc.cluster.local, vips: ["n1/10.1.0.9"],
+   ports: {15008: 15008}}
+- {name: other-wp, namespace: default, hostname: other-wp.default.svc.cluster.local, vips: ["n1/10.1.0.8"],
+   ports: {15008: 15008}}
+- {name: a, namespace: default, hostname: a.default.svc.cluster.local, vips: ["n1/10.1.0.1"], ports: {80: 8080},
+   waypoint: {destination: "default/waypoint.default.svc.cluster.local", hboneMtlsPort: 15008}}
+- {name: b, namespace: default, hostname: b.default.svc.cluster.local, vips: ["n1/10.1.0.2"], ports: {80: 8081},
+   waypoint: {destination: "default/other-wp.default.svc.cluster.local", hboneMtlsPort: 15008}}
+- {name: c, namespace: default, hostname: c.default.svc.cluster.local, vips: ["n1/10.1.0.3"], ports: {80: 8082},
+   waypoint: {destination: "default/other-wp.default.svc.cluster.local", hboneMtlsPort: 15008}}
+routes:
+- name: a
+  namespace: default
+  hostnames: ["a.default.svc.cluster.local"]
+  rules:
+  - backendRefs: [{name: b, port: 80}]
+"""
+
+
+def test_a_service_behind_another_waypoint_is_reached_at_its_endpoints() -> None:
+    """SPEC §6: the waypoint load-balances over the chosen service's endpoints, never hands the request on to
+    that service's own waypoint (neither for a route backend nor for the original destination)."""
+    state = MeshState(parse_config(CHAIN_CONFIG, "test.yaml"))
+    view = build_view(state, WorkloadInfo("default", "waypoint", "waypoint"), "n1", "")
+    chooser = EndpointChooser("n1", view.workload.identity, random.Random(1))  # type: ignore[union-attr]
+    backend = decide(view, resolve(state, "n1", parse_authority("10.1.0.1:80")), head(host="a"))
+    original = decide(view, resolve(state, "n1", parse_authority("10.1.0.3:80")), head(host="c"))
+    for target, (ip, port) in ((backend, ("10.0.0.12", 8081)), (original, ("10.0.0.13", 8082))):
+        hop = chooser.pick(view, target)
+        assert (hop.address, hop.authority, hop.via_waypoint) == ((ip, 15008), f"{ip}:{port}", False)
+        assert hop.workload is not None and hop.workload.name != "other-wp"

@@ -1,12 +1,12 @@
 """Choosing each request's endpoint (SPEC §6): the router's decision, with what does not change between
 requests worked out once per mesh state.
 
-For a service whose waypoint is this one (or that has none), `Router.route_service` filters the endpoints
-(`eligible`), picks one at random weighted by capacity, and builds the hop to it. Only the pick depends on
-the request, so the eligible endpoints, their cumulative weights and the hop to each are kept per (service,
-port) until the state changes, and each request draws from them exactly as `choose_endpoint` does. Anything
-else (a pod addressed directly, a service behind another waypoint, no usable endpoint) asks the router
-every time.
+For a service, `Router.route_service(from_waypoint=True)` filters the endpoints (`eligible`), picks one at
+random weighted by capacity, and builds the hop to it; never to the service's own waypoint, whichever it is,
+as Istio's waypoint sends its requests to the endpoints. Only the pick depends on the request, so the
+eligible endpoints, their cumulative weights and the hop to each are kept per (service, port) until the
+state changes, and each request draws from them exactly as `choose_endpoint` does. Anything else (a pod
+addressed directly, no usable endpoint) asks the router every time.
 """
 
 from __future__ import annotations
@@ -62,17 +62,11 @@ class EndpointChooser:
         if service is None or target.workload is not None:
             assert target.workload is not None
             return router.route_workload(view.workload, target.workload, target.ip, target.port,
-                                         skip_waypoint_of=self.identity)  # fmt: skip
-        return router.route_service(view.workload, service, target.port, skip_waypoint_of=self.identity)
+                                         from_waypoint=True)  # fmt: skip
+        return router.route_service(view.workload, service, target.port, from_waypoint=True)
 
     def _build(self, view: WaypointView, service: Service, port: int) -> object:
         state = view.state
-        if service.waypoint is not None:
-            # The router would send the request on to the service's waypoint unless it is this one: cached only
-            # when every candidate is us, whichever the router would have drawn.
-            candidates = [w for w in state.gateway_workloads(service.waypoint) if w.healthy]
-            if not candidates or any(w.identity != self.identity for w in candidates):
-                return _ASK_ROUTER
         pool = eligible(state.endpoints(service, port), source=view.workload, network=self.network,
                         load_balancer=service.load_balancer)  # fmt: skip
         weights = [ep.workload.capacity for ep in pool]

@@ -8,7 +8,7 @@ import logging
 import re
 from typing import TYPE_CHECKING
 
-from hbone.baggage import parse
+from hbone.baggage import EMPTY, parse
 from hbone.identity import Identity
 from hbone.tunnel import Tunnel
 from mesh.metrics import PeerLabels
@@ -100,14 +100,17 @@ class Inbound:
         return handle
 
     def _source(self, tunnel: Tunnel, view: WaypointView, principal: Identity | None, peer_ip: str) -> PeerLabels:
-        """The client's peer labels: its baggage with the flag on, else what the state knows of its identity
-        on our own network (a peer from elsewhere stays unknown but for its verified identity)."""
+        """The client's peer labels: its baggage with the flag on, else the local workload with both its
+        verified identity and its IP (a peer from elsewhere stays unknown but for its verified identity)."""
         if self.wp.baggage_enabled:
             values = tunnel.header_values("baggage")
             if values:
                 result = parse(values)
                 self.wp.baggage_metrics.record(result)
-                return PeerLabels.of_baggage(result.baggage, principal=principal)
+                # A header refused whole (not ASCII, over 8 KiB) counts as absent (SPEC §4.2): fall through
+                # to the state as if none had been sent.
+                if result.baggage != EMPTY:
+                    return PeerLabels.of_baggage(result.baggage, principal=principal)
         if principal is None:
             return PeerLabels()
         via = tunnel.header("x-forwarded-network")
@@ -115,9 +118,10 @@ class Inbound:
             # Came through a gateway from another network: a local workload with the same identity is not
             # this client, so only the verified identity is known (SPEC §4.3).
             return PeerLabels(principal=str(principal))
+        # Never a guess from the identity alone: several workloads often share a service account (reviews
+        # v1/v2/v3), so without the IP as well we would name the wrong one (as ztunnel's inbound does).
         candidates = view.local_by_identity.get(principal, ())
-        chosen = next((w for w in candidates if any(str(ip) == peer_ip for ip in w.workload_ips)),
-                      candidates[0] if candidates else None)  # fmt: skip
+        chosen = next((w for w in candidates if any(str(ip) == peer_ip for ip in w.workload_ips)), None)
         if chosen is None:
             return PeerLabels(principal=str(principal))
         return PeerLabels.of_workload(chosen, principal=principal)

@@ -11,7 +11,7 @@ import logging
 import secrets
 from dataclasses import dataclass
 
-from hbone.baggage import parse
+from hbone.baggage import EMPTY, parse
 from hbone.errors import HboneError
 from hbone.identity import Identity
 from hbone.tunnel import Tunnel
@@ -76,14 +76,16 @@ class UpstreamDialer:
             labels = (PeerLabels.of_workload(hop.workload, principal=hop.workload.identity)
                       if hop.workload is not None else PeerLabels())  # fmt: skip
             return UpstreamStream(reader, writer, hop, labels, _address(hop.address))
-        headers = self._headers(hop, own_baggage, forwarded_for)
+        # One trace id per connection attempt, on the outer and the inner CONNECT alike (SPEC §3.3).
+        trace = traceparent()
+        headers = self._headers(hop, own_baggage, forwarded_for, trace)
         if hop.kind is HopKind.HBONE:
             tunnel = await self.connector.connect(self.identity, hop.expected, hop.address, hop.authority, headers)
             where = _address(hop.address)
         elif hop.kind is HopKind.DOUBLE_HBONE:
             # The gateway must not send us back to a waypoint: we are the waypoint (SPEC §5).
             outer = [*headers, ("x-istio-source", "waypoint")]
-            inner = [*self._headers(hop, own_baggage, forwarded_for), ("x-forwarded-network", self.network)]
+            inner = [*headers, ("x-forwarded-network", self.network)]
             tunnel = await self.connector.connect_double(self.identity, hop.expected, hop.address, hop.authority,
                                                          outer, hop.inner_expected, inner)  # fmt: skip
             where = f"{hop.authority} via {_address(hop.address)}"
@@ -98,7 +100,7 @@ class UpstreamDialer:
             raise
         return UpstreamStream(reader, writer, hop, labels, where)
 
-    def _headers(self, hop: Hop, own_baggage: str, forwarded_for: str) -> list[tuple[str, str]]:
+    def _headers(self, hop: Hop, own_baggage: str, forwarded_for: str, trace: str) -> list[tuple[str, str]]:
         headers: list[tuple[str, str]] = []
         if self.baggage_enabled and own_baggage:
             # Ours, never the client's: the destination sees the waypoint as its source (SPEC §4.3).
@@ -108,7 +110,7 @@ class UpstreamDialer:
             forwarded = f"{forwarded};host={hop.service.hostname}" if forwarded else f"host={hop.service.hostname}"
         if forwarded:
             headers.append(("forwarded", forwarded))
-        headers.append(("traceparent", traceparent()))
+        headers.append(("traceparent", trace))
         return headers
 
     def _destination(self, hop: Hop, tunnel: Tunnel) -> PeerLabels:
@@ -120,7 +122,9 @@ class UpstreamDialer:
             if values:
                 result = parse(values)
                 self.baggage_metrics.record(result)
-                return PeerLabels.of_baggage(result.baggage, principal=principal)
+                # Refused whole (not ASCII, over 8 KiB): as if absent (SPEC §4.2), so the state's labels apply.
+                if result.baggage != EMPTY:
+                    return PeerLabels.of_baggage(result.baggage, principal=principal)
         if hop.kind is HopKind.HBONE and hop.workload is not None and hop.workload.network == self.network:
             return PeerLabels.of_workload(hop.workload, principal=principal)
         return PeerLabels(principal=str(principal) if principal else None)
