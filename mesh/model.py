@@ -204,6 +204,7 @@ class LoadBalancerMode(StrEnum):
     STANDARD = "Standard"
     STRICT = "Strict"
     FAILOVER = "Failover"
+    PASSTHROUGH = "Passthrough"  # ztunnel does not choose an endpoint: the original address is dialled as is
 
 
 class HealthPolicy(StrEnum):

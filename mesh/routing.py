@@ -14,7 +14,15 @@ from dataclasses import dataclass
 from hbone.authority import format_authority
 from hbone.identity import Identity
 from mesh.loadbalance import choose_endpoint
-from mesh.model import GatewayAddress, NamespacedHostname, NetworkAddress, Protocol, Service, Workload
+from mesh.model import (
+    GatewayAddress,
+    LoadBalancerMode,
+    NamespacedHostname,
+    NetworkAddress,
+    Protocol,
+    Service,
+    Workload,
+)
 from mesh.state import MeshState
 
 
@@ -139,6 +147,13 @@ class Router:
                 )
             authority = format_authority(*original) if original else f"{service.hostname}:{port}"
             return self._to_waypoint(waypoint, service.waypoint, authority, service, port, source)
+        lb = service.load_balancer
+        if lb is not None and lb.mode is LoadBalancerMode.PASSTHROUGH and not from_waypoint:
+            # As ztunnel: no endpoint is chosen; the connection goes to the address the client dialled, in plain
+            # TCP, and (ztunnel's labels) names no service.
+            if original is None:
+                raise RoutingError(f"service {service.hostname} is in Passthrough mode and has no VIP on this network")
+            return Hop(HopKind.PASSTHROUGH, original)
         endpoints = self.state.endpoints(service, port)
         chosen = choose_endpoint(
             endpoints, source=source, network=self.network, load_balancer=service.load_balancer, rng=self.rng

@@ -343,7 +343,7 @@ ERRORS = [
     (svc("vips: [10.0.0.1]"), "services[0].vips[0]", "<network>/<ip>"),
     (svc("ports: {http: 80}"), "services[0].ports.http", "integer"),
     (svc("subjectAltNames: [x]"), "services[0].subjectAltNames[0]", "SPIFFE"),
-    (svc("loadBalancer: {mode: Passthrough}"), "services[0].loadBalancer.mode", "Standard|Strict|Failover"),
+    (svc("loadBalancer: {mode: Random}"), "services[0].loadBalancer.mode", "Standard|Strict|Failover|Passthrough"),
     (
         svc("loadBalancer: {routingPreferences: [Planet]}"),
         "services[0].loadBalancer.routingPreferences[0]",

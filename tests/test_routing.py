@@ -127,3 +127,21 @@ def test_what_cannot_be_reached_says_why(router: Router, sleep) -> None:  # type
     for _ in range(20):
         with pytest.raises(RoutingError, match="subjectAltNames"):
             router.route(sleep, "10.96.0.4", 80)
+
+
+def test_passthrough_mode_dials_the_original_address() -> None:
+    # ztunnel's Passthrough load-balancer mode: no endpoint is chosen, the VIP is dialled in plain TCP.
+    empty = 'vips: ["net1/10.96.0.5"],\n   ports: {80: 8080}}'
+    assert empty in CONFIG
+    config = CONFIG.replace(empty, empty[:-1] + ", loadBalancer: {mode: Passthrough}}")
+    router = Router(MeshState(parse_config(config, "test.yaml")), "net1", rng=random.Random(7))
+    sleep = router.state.workload_by_uid("c1/sleep")
+    by_vip = router.route(sleep, "10.96.0.5", 80)
+    by_name = router.route_hostname(sleep, "empty.default.svc.cluster.local", 80)
+    for hop in (by_vip, by_name):
+        assert (hop.kind, hop.address, hop.service) == (HopKind.PASSTHROUGH, ("10.96.0.5", 80), None)
+    # A waypoint still chooses among the endpoints (here: none).
+    service = router.state.service_by_hostname("empty.default.svc.cluster.local")
+    assert service is not None
+    with pytest.raises(RoutingError, match="no endpoint"):
+        router.route_service(sleep, service, 80, from_waypoint=True)
