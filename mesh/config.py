@@ -170,16 +170,17 @@ class _Reader:
             raise self.fail(path, "true or false", value)
         return value
 
-    def integer(self, value: Any, path: str, lo: int, hi: int) -> int:
-        # YAML map keys such as `"80"` arrive as strings; bools are ints in Python and are refused.
-        if isinstance(value, str) and value.isdigit():
+    def integer(self, value: Any, path: str, lo: int, hi: int, *, key: bool = False) -> int:
+        # A map key such as `"80"` may be written quoted (JSON has only string keys); a value may not, as
+        # ztunnel's parser refuses it. Bools are ints in Python and are refused.
+        if key and isinstance(value, str) and value.isdigit():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
             raise self.fail(path, f"an integer from {lo} to {hi}", value)
         return value
 
-    def port(self, value: Any, path: str) -> int:
-        return self.integer(value, path, 1, 65535)
+    def port(self, value: Any, path: str, *, key: bool = False) -> int:
+        return self.integer(value, path, 1, 65535, key=key)
 
     def enum(self, cls: type[E], value: Any, path: str) -> E:
         try:
@@ -217,7 +218,7 @@ class _Reader:
             raise self.fail(path, "a mapping {servicePort: targetPort}", value)
         out: dict[int, int] = {}
         for key, target in value.items():
-            port = self.port(key, _join(path, str(key)))
+            port = self.port(key, _join(path, str(key)), key=True)
             # 0 is how istiod says "named target port, resolve per endpoint".
             out[port] = self.integer(target, _join(path, str(key)), 0, 65535)
         return FrozenMap(out)

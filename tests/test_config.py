@@ -311,6 +311,8 @@ ERRORS = [
     (wl("status: Ready"), "workloads[0].status", "Healthy|Unhealthy"),
     (wl("capacity: -1"), "workloads[0].capacity", "integer"),
     (wl("capacity: true"), "workloads[0].capacity", "integer"),
+    (wl("capacity: '3'"), "workloads[0].capacity", "integer"),  # quoted: a string, as ztunnel reads it
+    (svc("ports: {80: '8080'}"), "services[0].ports.80", "integer"),
     (wl("workloadType: statefulset"), "workloads[0].workloadType", "deployment"),
     (wl("canonicalRevision: 1.0"), "workloads[0].canonicalRevision", "string"),
     (wl("locality: {region: r, city: c}"), "workloads[0].locality.city", "unknown"),
@@ -457,3 +459,9 @@ services:
 """
     svc = parse_config(text, "w.yaml").services[1]
     assert svc.waypoint == GatewayAddress(NamespacedHostname("ns", "waypoint.ns.svc.cluster.local"), 15009)
+
+
+def test_quoted_port_keys_are_ports() -> None:
+    # JSON (and some YAML writers) can only write map keys as strings.
+    (service,) = parse_config(svc("ports: {'80': 8080}"), "s.yaml").services
+    assert dict(service.ports) == {80: 8080}
