@@ -364,7 +364,11 @@ def _app_tunnel(r: _Reader, value: Any, path: str) -> ApplicationTunnel | None:
         return None
     o = r.obj(value, path, ("protocol", "port"))
     port = r.port(o.get("port"), o.at("port")) if o.has("port") else None
-    return ApplicationTunnel(r.enum(AppTunnelProtocol, o.get("protocol", "NONE"), o.at("protocol")), port)
+    protocol = r.enum(AppTunnelProtocol, o.get("protocol", "NONE"), o.at("protocol"))
+    if protocol is AppTunnelProtocol.PROXY:
+        # ztunnel would have to write a PROXY v2 header before the application's bytes; we do not.
+        raise r.fail(o.at("protocol"), "NONE (the PROXY protocol is not implemented)", o.get("protocol"))
+    return ApplicationTunnel(protocol, port)
 
 
 # --- Services -----------------------------------------------------------------------------------------

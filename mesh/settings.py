@@ -9,6 +9,7 @@ that names the flag, the variable and the expected type (exit status 2, as argpa
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import re
 import sys
@@ -20,7 +21,8 @@ from typing import Any
 
 # --- value types ----------------------------------------------------------------------------------------
 # A setting's `type` is a parser from text. `str`, `int` and `bool` are accepted as-is for readability and
-# mapped to the parsers below; `addr`, `duration`, `path` and `workload_info` are parsers themselves.
+# mapped to the parsers below; `addr`, `addr_or_off`, `duration`, `path` and `workload_info` are parsers
+# themselves.
 
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
@@ -40,7 +42,7 @@ def parse_int(text: str) -> int:
 
 
 def addr(text: str) -> tuple[str, int]:
-    """`host:port`, `[v6]:port`, or `:port` (every interface, returned as host "")."""
+    """`ip:port`, `[v6]:port`, `localhost:port`, or `:port` (every interface, returned as host "")."""
     text = text.strip()
     if text.startswith("["):
         host, sep, rest = text[1:].partition("]")
@@ -55,7 +57,25 @@ def addr(text: str) -> tuple[str, int]:
             raise ValueError("put an IPv6 address in brackets, e.g. [::1]:15000")
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ValueError(f"port {port_text!r} is not a number from 0 to 65535")
+    # A listener binds an address; any other name would only fail later, at bind time, naming no setting.
+    if host and host != "localhost":
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IP address") from None
+        if text.startswith("[") and ip.version != 6:
+            raise ValueError("only an IPv6 address goes in brackets")
     return host, int(port_text)
+
+
+OFF = "off"
+
+
+def addr_or_off(text: str) -> tuple[str, int] | str:
+    """An address as for `addr`, or `off` (any case) for a listener that is disabled."""
+    if text.strip().lower() == OFF:
+        return OFF
+    return addr(text)
 
 
 _DURATION_UNITS = {
@@ -106,7 +126,8 @@ _DESCRIPTIONS: dict[Callable[[str], Any], tuple[str, str]] = {
     str: ("a string", "TEXT"),
     parse_int: ("an integer", "INT"),
     parse_bool: ("a boolean (true/false, 1/0, yes/no)", "BOOL"),
-    addr: ("an address host:port, [ipv6]:port or :port", "HOST:PORT"),
+    addr: ("an address ip:port, [ipv6]:port, localhost:port or :port", "HOST:PORT"),
+    addr_or_off: ("an address ip:port, [ipv6]:port, localhost:port or :port, or off", "HOST:PORT|off"),
     duration: ("a duration such as 500ms, 5s, 5m or 24h", "DURATION"),
     path: ("a file system path", "PATH"),
     workload_info: ("namespace/name/service-account", "NS/NAME/SA"),

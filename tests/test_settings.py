@@ -7,22 +7,28 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from ewgateway_py.settings import gateway_settings
 from mesh.settings import (
     COMMON_SETTINGS,
+    OFF,
     Setting,
     SettingsError,
     WorkloadInfo,
     addr,
+    addr_or_off,
     common_settings,
     duration,
     load,
     parse_bool,
     path,
 )
+from waypoint_py.settings import waypoint_settings
+from ztunnel_py.settings import ztunnel_settings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -91,9 +97,11 @@ def test_bool_words(text: str, value: bool) -> None:
 def test_parsers() -> None:
     assert addr("localhost:80") == ("localhost", 80)
     assert addr("0.0.0.0:0") == ("0.0.0.0", 0)
-    for bad in ("localhost", "::1:80", "[::1]80", "host:99999", "host:http"):
+    assert addr("[::ffff:127.0.0.1]:80") == ("::ffff:127.0.0.1", 80)
+    for bad in ("localhost", "::1:80", "[::1]80", "host:99999", "host:http", "nonsense:80", "[127.0.0.1]:80"):
         with pytest.raises(ValueError):
             addr(bad)
+    assert addr_or_off(" Off ") == OFF and addr_or_off("127.0.0.1:15080") == ("127.0.0.1", 15080)
     assert duration("500ms") == 0.5 and duration("24h") == 86400 and duration("2.5") == 2.5
     for bad in ("5 minutes", "-1s", "s", "5x"):
         with pytest.raises(ValueError):
@@ -108,7 +116,7 @@ def test_parsers() -> None:
          ["environment variable POOL_MAX_STREAMS_PER_CONNECTION", "--pool-max-streams-per-connection",
           "'many' is not an integer"]),
         (["--stats-addr", "15020"], {},
-         ["--stats-addr", "STATS_ADDR", "'15020' is not an address host:port", "port is missing"]),
+         ["--stats-addr", "STATS_ADDR", "'15020' is not an address ip:port", "port is missing"]),
         ([], {"AMBIENT_ENABLE_BAGGAGE": "maybe"}, ["AMBIENT_ENABLE_BAGGAGE", "is not a boolean"]),
         ([], {"SECRET_TTL": "forever"}, ["SECRET_TTL", "is not a duration"]),
         ([], {"ACCESS_LOG_FORMAT": "xml"}, ["ACCESS_LOG_FORMAT", "is not one of text, json"]),
@@ -126,6 +134,42 @@ def test_bad_values_exit_2_naming_the_setting_and_type(
     err = capsys.readouterr().err
     for text in expected:
         assert text in err
+
+
+def test_ztunnel_listeners_are_addresses_or_off() -> None:
+    env = {"SOCKS5_ADDR": "OFF", "OUTBOUND_ADDR": "[::1]:15001", "INBOUND_ADDR": "127.0.0.1:15008"}
+    s = load(ztunnel_settings(), [], env)
+    assert s.socks5_addr == OFF and s.outbound_addr == ("::1", 15001) and s.inbound_addr == ("127.0.0.1", 15008)
+    assert s.inbound_plaintext_addr is None  # unset: one listener per local workload IP
+    s = load(ztunnel_settings(), ["--inbound-plaintext-addr", "off"], {})
+    assert s.inbound_plaintext_addr == OFF
+    assert (s.socks5_addr, s.outbound_addr) == (("127.0.0.1", 15080), ("0.0.0.0", 15001))
+
+
+@pytest.mark.parametrize(
+    ("settings", "env", "value", "why"),
+    [
+        (ztunnel_settings, "SOCKS5_ADDR", "127.0.0.1:notaport", "port 'notaport' is not a number"),
+        (ztunnel_settings, "OUTBOUND_ADDR", "nonsense", "the port is missing"),
+        (ztunnel_settings, "INBOUND_ADDR", "1.2.3.4:99999", "port '99999' is not a number from 0 to 65535"),
+        (ztunnel_settings, "INBOUND_ADDR", "off", "the port is missing"),  # HBONE cannot be turned off
+        (ztunnel_settings, "INBOUND_PLAINTEXT_ADDR", "nonsense:15006", "'nonsense' is not an IP address"),
+        (ztunnel_settings, "STATS_ADDR", "[127.0.0.1]:15020", "only an IPv6 address goes in brackets"),
+        (gateway_settings, "INBOUND_ADDR", "gateway:15008", "'gateway' is not an IP address"),
+        (waypoint_settings, "READINESS_ADDR", "0.0.0.0:http", "port 'http' is not a number"),
+    ],
+)
+def test_bad_listener_addresses_exit_2_naming_the_setting(
+    settings: Callable[[], list[Setting]], env: str, value: str, why: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    required = {"PROXY_WORKLOAD_INFO": "istio-system/gw/gw"}  # the gateway's and the waypoint's
+    option = "--" + env.lower().replace("_", "-")
+    for argv, environ in (([], {env: value}), ([option, value], {})):
+        with pytest.raises(SystemExit) as exit_info:
+            load(settings(), argv, {**required, **environ}, prog="daemon")
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert option in err and env in err and f"{value!r} is not an address" in err and why in err
 
 
 def test_help_lists_every_setting_with_env_and_default(capsys: pytest.CaptureFixture[str]) -> None:

@@ -100,7 +100,10 @@ class Inbound:
             raise Refused(503, f"no local workload at {call.local_ip}")
         call.destination = dest
         if target.is_ip:
-            if target.host != call.local_ip and not _is_waypoint_for(node, dest, target.host):
+            # A workload with its own application tunnel gets any authority (as Istio's ztunnel does), and so
+            # does a waypoint, which is addressed with the original destination.
+            mismatch = target.host != call.local_ip and dest.application_tunnel is None
+            if mismatch and not _is_waypoint_for(node, dest, target.host):
                 raise Refused(400, f"authority {target} does not match the connection's destination {call.local_ip}")
             call.target_port = target.port
         else:
@@ -115,6 +118,10 @@ class Inbound:
             call.service = service
         if call.target_port in node.own_ports:
             raise Refused(503, f"port {call.target_port} is one of ztunnel's own")
+        if dest.application_tunnel is not None and dest.application_tunnel.port:
+            # The application's tunnel listens on one port for every target (checked after the port above, and
+            # then used for authorization, as in Istio).
+            call.target_port = dest.application_tunnel.port
         if call.service is None:
             host = parse_forwarded_host(tunnel.header("forwarded"))
             if host:

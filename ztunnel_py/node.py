@@ -12,8 +12,7 @@ from mesh.metrics import TcpMetrics
 from mesh.model import Workload
 from mesh.routing import Hop, Router
 from mesh.state import MeshState
-
-ZTUNNEL_PORTS = frozenset({15001, 15006, 15008, 15080})
+from ztunnel_py.settings import own_ports
 
 
 class Node:
@@ -26,7 +25,8 @@ class Node:
         rb = s.enable_response_baggage
         # ztunnel's own flag wins when set; otherwise the mesh-wide switch decides (SPEC §4.3).
         self.response_baggage: bool = rb if rb is not None else ctx.baggage_enabled
-        self.own_ports: frozenset[int] = ZTUNNEL_PORTS
+        # The ports of our own listeners: refused as a loopback destination outbound, and as a target inbound.
+        self.own_ports: frozenset[int] = own_ports(s)
         self._tasks: set[asyncio.Task[None]] = set()
         self._router: Router | None = None
         self._router_generation = -1
@@ -89,11 +89,16 @@ class Node:
 
     def is_self_call(self, host: str, port: int) -> bool:
         """An application's destination that loops back into one of our own ports."""
+        if port not in self.own_ports:
+            return False
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:
-            return host == "localhost" and port in self.own_ports
-        return ip.is_loopback and port in self.own_ports
+            return host == "localhost"
+        # ::ffff:127.0.0.1 reaches 127.0.0.1, but Python < 3.13 does not call it loopback.
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return ip.is_loopback
 
     # -- bookkeeping --------------------------------------------------------------------------------
     def track(self, task: asyncio.Task[None]) -> None:

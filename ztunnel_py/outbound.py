@@ -145,10 +145,8 @@ class Outbound:
                 node.connect_timeout * 2,
             )
         if hop.kind is HopKind.DOUBLE_HBONE:
-            inner_headers = [
-                *connect_headers(node.baggage_of(source), request.client, hop.service_hostname),
-                (X_FORWARDED_NETWORK, node.ctx.network),
-            ]
+            # The same headers (one traceparent per client connection), plus the source network on the inner.
+            inner_headers = [*headers, (X_FORWARDED_NETWORK, node.ctx.network)]
             return await asyncio.wait_for(
                 node.ctx.connector.connect_double(
                     source.identity,

@@ -17,13 +17,10 @@ from ztunnel_py.inbound import Inbound
 from ztunnel_py.inbound_plaintext import PlaintextProtocol
 from ztunnel_py.node import Node
 from ztunnel_py.outbound import Outbound
-from ztunnel_py.settings import OFF
+from ztunnel_py.settings import HBONE_PORT, OFF, PLAINTEXT_PORT
 from ztunnel_py.socks5_listener import socks5_factory
 
 log = logging.getLogger("ztunnel")
-
-HBONE_PORT = 15008
-PLAINTEXT_PORT = 15006
 
 
 def _open_fds() -> int | None:
@@ -31,11 +28,6 @@ def _open_fds() -> int | None:
         return len(os.listdir("/proc/self/fd"))
     except OSError:
         return None
-
-
-def _split_addr(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 class Ztunnel:
@@ -60,28 +52,29 @@ class Ztunnel:
     async def start(self) -> None:
         s = self.ctx.settings
         loop = asyncio.get_running_loop()
+        # Addresses were parsed when the settings were loaded: (host, port), or OFF.
         if s.inbound_addr:
-            host, port = _split_addr(s.inbound_addr)
-            self._fixed.append(await self.hbone.listen(host, port))
+            self._fixed.append(await self.hbone.listen(*s.inbound_addr))
         if s.inbound_plaintext_addr and s.inbound_plaintext_addr != OFF:
-            host, port = _split_addr(s.inbound_plaintext_addr)
-            self._fixed.append(
-                await loop.create_server(lambda: PlaintextProtocol(self.node), host, port, reuse_address=True)
-            )
-        if s.socks5_addr != OFF:
-            host, port = _split_addr(s.socks5_addr)
             self._fixed.append(
                 await loop.create_server(
-                    lambda: socks5_factory(self.outbound), host, port, reuse_address=True, backlog=1024
+                    lambda: PlaintextProtocol(self.node), *s.inbound_plaintext_addr, reuse_address=True
+                )
+            )
+        if s.socks5_addr != OFF:
+            self._fixed.append(
+                await loop.create_server(
+                    lambda: socks5_factory(self.outbound), *s.socks5_addr, reuse_address=True, backlog=1024
                 )
             )
         if s.outbound_addr != OFF:
-            host, port = _split_addr(s.outbound_addr)
             self._fixed.append(
                 await loop.create_server(
-                    lambda: CaptureProtocol(self.outbound), host, port, reuse_address=True, backlog=1024
+                    lambda: CaptureProtocol(self.outbound), *s.outbound_addr, reuse_address=True, backlog=1024
                 )
             )
+        # A listener on port 0 got its port from the kernel: that one is ours too (no loops through it).
+        self.node.own_ports |= {sock.getsockname()[1] for server in self._fixed for sock in server.sockets}
         await self._reconcile()
         await self.ctx.serve_admin(self._config_dump)
         self.ctx.readiness.mark_ready("listeners")
