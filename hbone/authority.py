@@ -43,6 +43,8 @@ def parse_authority(text: str | None) -> Authority:
         host, sep, port_text = text.rpartition(":")
         if not sep or not host:
             raise BadAuthority(f"{text!r} is not host:port")
+        if ":" in host:  # where the address ends and the port begins is a guess without brackets
+            raise BadAuthority(f"{text!r}: IPv6 authority must be [ip]:port")
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise BadAuthority(f"{text!r} has no valid port")
     try:
@@ -51,4 +53,6 @@ def parse_authority(text: str | None) -> Authority:
         if text.startswith("[") or not _HOSTNAME.match(host):
             raise BadAuthority(f"{text!r}: {host!r} is neither an IP address nor a hostname") from None
         return Authority(host.rstrip(".").lower(), int(port_text), None)
+    if text.startswith("[") and ip.version != 6:
+        raise BadAuthority(f"{text!r}: brackets are for an IPv6 address only")
     return Authority(str(ip), int(port_text), ip)

@@ -24,7 +24,7 @@ from hyperframe.exceptions import InvalidPaddingError
 from hyperframe.frame import DataFrame, GoAwayFrame
 
 from .errors import ConnectionClosed, ConnectRefused, H2HandshakeFailure, StreamReset
-from .h2fast import DataPath, FastFrameBuffer, PreambleError, install_outbox, make_connection
+from .h2fast import DataPath, FastFrameBuffer, PreambleError, StreamRejected, install_outbox, make_connection
 from .identity import Identity
 from .tunnel import Tunnel
 
@@ -81,6 +81,7 @@ class HboneConnection(asyncio.Protocol):
         self.peer_identity = peer_identity
         self.name = name
         self._loop = asyncio.get_running_loop()
+        # A malformed header block costs its stream only (RFC 9113 §8.1.1), see `h2fast.HboneH2Connection`.
         config = h2.config.H2Configuration(client_side=client, header_encoding=None, validate_inbound_headers=True)
         self._h2 = make_connection(config, self._on_goaway_frame)
         self._outbox = install_outbox(self._h2)
@@ -234,7 +235,7 @@ class HboneConnection(asyncio.Protocol):
             if (tunnel := self._streams.get(event.stream_id)) is not None:
                 tunnel._on_remote_end()
         elif isinstance(event, h2.events.StreamReset):
-            self._on_stream_reset(event.stream_id, event.error_code)
+            self._on_stream_reset(event)
         elif isinstance(event, h2.events.RemoteSettingsChanged):
             if not self.ready.done():
                 self.ready.set_result(None)
@@ -294,14 +295,20 @@ class HboneConnection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(tunnel)
 
-    def _on_stream_reset(self, stream_id: int, code: int) -> None:
+    def _on_stream_reset(self, event: h2.events.StreamReset) -> None:
+        stream_id, code = event.stream_id, event.error_code
+        name = ErrorCodes(code).name if code in ErrorCodes._value2member_map_ else str(code)
+        why = None
+        if isinstance(event, StreamRejected):
+            # Our reset, for what the peer sent on this stream; the connection and its other streams go on.
+            why = f"stream reset ({name}): {event.reason}"
+            log.info("HTTP/2 stream %d from %s: %s", stream_id, self.peer_name, why)
         waiter = self._pending_open.pop(stream_id, None)
         if waiter is not None and not waiter.done():
-            name = ErrorCodes(code).name if code in ErrorCodes._value2member_map_ else str(code)
-            waiter.set_exception(StreamReset(f"CONNECT stream reset by server ({name})", code))
+            waiter.set_exception(StreamReset(f"CONNECT {why or f'stream reset by server ({name})'}", code))
         tunnel = self._streams.get(stream_id)
         if tunnel is not None:
-            tunnel._on_reset(code)
+            tunnel._on_reset(code, why)
 
     def _on_goaway_frame(self, frame: GoAwayFrame) -> None:
         """The peer will take no new streams above `last_stream_id`; those at or below may finish."""

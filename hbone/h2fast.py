@@ -18,21 +18,38 @@
    pure-Python Huffman coder was the largest single cost of opening a stream (encoding here, decoding at
    the peer); the strings of a CONNECT are a few dozen bytes, once per stream. Received blocks are decoded
    whatever their coding.
+6. `h2` ends the whole connection (GOAWAY) for errors RFC 9113 makes errors of one stream: a malformed
+   header block (§8.1.1: RST_STREAM PROTOCOL_ERROR) and a stream over our SETTINGS_MAX_CONCURRENT_STREAMS
+   (§5.1.2: RST_STREAM REFUSED_STREAM, which a client may retry). On a pooled HBONE connection that would
+   cost every tunnel on it. `HboneH2Connection` resets only that stream; every other error stays h2's.
 """
 
 from __future__ import annotations
 
+import copy
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from h2.connection import ConnectionState, H2Connection
-from h2.exceptions import FlowControlError, FrameDataMissingError, ProtocolError
+from h2.config import H2Configuration
+from h2.connection import AllowedStreamIDs, ConnectionInputs, ConnectionState, H2Connection, _decode_headers
+from h2.errors import ErrorCodes
+from h2.events import (
+    Event,
+    InformationalResponseReceived,
+    RequestReceived,
+    ResponseReceived,
+    StreamReset,
+    TrailersReceived,
+)
+from h2.exceptions import FlowControlError, FrameDataMissingError, ProtocolError, TooManyStreamsError
 from h2.frame_buffer import FrameBuffer
-from h2.stream import StreamState
+from h2.stream import StreamInputs, StreamState
+from h2.utilities import validate_headers
 from hpack import Encoder
 from hyperframe.exceptions import InvalidDataError, InvalidFrameError
-from hyperframe.frame import DataFrame, Frame, GoAwayFrame
+from hyperframe.frame import DataFrame, Frame, GoAwayFrame, HeadersFrame
 
 
 def _data_repr(self: DataFrame) -> str:
@@ -303,8 +320,63 @@ class DataPath:
         return True
 
 
-def make_connection(config: object, on_goaway: Callable[[GoAwayFrame], None]) -> H2Connection:
-    conn = H2Connection(config=config)  # type: ignore[arg-type]
+_HEADER_EVENTS = (RequestReceived, ResponseReceived, TrailersReceived, InformationalResponseReceived)
+
+
+@dataclass(kw_only=True)
+class StreamRejected(StreamReset):
+    """We reset a stream for what the peer sent on it (point 6); `reason` says what."""
+
+    reason: str = ""
+
+
+class HboneH2Connection(H2Connection):
+    """h2's connection with the stream errors of point 6 kept to their stream."""
+
+    def __init__(self, config: H2Configuration) -> None:
+        # h2 validates a header block in the middle of handling its frame, where any error ends the connection;
+        # we run the same validation once h2 has taken the frame, where a failure can cost only the stream.
+        self._validate_inbound = config.validate_inbound_headers
+        config = copy.copy(config)
+        config.validate_inbound_headers = False
+        super().__init__(config=config)
+
+    def _receive_headers_frame(self, frame: HeadersFrame) -> tuple[list[Frame], list[Event]]:
+        sid = frame.stream_id
+        try:
+            frames, events = super()._receive_headers_frame(frame)
+        except TooManyStreamsError as exc:  # raised before h2 changed anything
+            return self._refuse_stream(frame, str(exc))
+        if self._validate_inbound:
+            for event in events:
+                if isinstance(event, _HEADER_EVENTS):
+                    # h2 decoded the block (the HPACK state is right) and moved the stream's state: a reset
+                    # leaves the connection as if the peer had sent a good block and we had cancelled it.
+                    try:
+                        list(validate_headers(event.headers, self.streams[sid]._build_hdr_validation_flags([event])))
+                    except ProtocolError as exc:
+                        return frames, self._reject(sid, ErrorCodes.PROTOCOL_ERROR, f"malformed header block: {exc}")
+                    break
+        return frames, events
+
+    def _refuse_stream(self, frame: HeadersFrame, reason: str) -> tuple[list[Frame], list[Event]]:
+        """A new stream over our limit, which h2 refused before even decoding its block. We do what h2 does
+        for a stream it takes (decode the block into the connection's HPACK state; check the connection state
+        and the stream id, whose errors stay connection errors; open the stream) and then reset it, so its
+        id counts as used and later frames on it are handled as for any stream we reset."""
+        _decode_headers(self.decoder, frame.data)
+        events = self.state_machine.process_input(ConnectionInputs.RECV_HEADERS)
+        stream = self._begin_new_stream(frame.stream_id, AllowedStreamIDs(not self.config.client_side))
+        stream.state_machine.process_input(StreamInputs.RECV_HEADERS)
+        return [], events + self._reject(frame.stream_id, ErrorCodes.REFUSED_STREAM, reason)
+
+    def _reject(self, stream_id: int, code: ErrorCodes, reason: str) -> list[Event]:
+        self.reset_stream(stream_id, code)
+        return [StreamRejected(stream_id=stream_id, error_code=code, remote_reset=False, reason=reason)]
+
+
+def make_connection(config: H2Configuration, on_goaway: Callable[[GoAwayFrame], None]) -> H2Connection:
+    conn = HboneH2Connection(config)
     conn.encoder = PlainEncoder()
     fast = FastFrameBuffer(server=not conn.config.client_side, on_goaway=on_goaway)
     fast.max_frame_size = conn.incoming_buffer.max_frame_size

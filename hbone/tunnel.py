@@ -262,14 +262,15 @@ class Tunnel(asyncio.Transport):
         self.abort(ErrorCodes.CONNECT_ERROR)
 
     # -- called by the connection ------------------------------------------------------------------------
-    def _on_reset(self, code: int) -> None:
+    def _on_reset(self, code: int, why: str | None = None) -> None:
+        """The stream was reset: by the peer, or by our h2 layer for what the peer sent (`why` says so)."""
         clean = code in CLEAN_RESET_CODES
         if clean:
             # NO_ERROR/CANCEL: the peer is done; what we had is an orderly end (SPEC §3.5).
             self._remote_ended = True
             self._finish(None)
         else:
-            self._finish(StreamReset(f"stream reset by peer ({_code_name(code)})", code))
+            self._finish(StreamReset(why or f"stream reset by peer ({_code_name(code)})", code))
 
     def _on_connection_lost(self, exc: BaseException | None) -> None:
         if not self._finished:

@@ -10,6 +10,7 @@ import h2.config
 import h2.events
 import hpack
 import pytest
+from h2.errors import ErrorCodes
 from hyperframe.frame import Frame, HeadersFrame
 
 from hbone.client import dial
@@ -19,6 +20,7 @@ from hbone.h2fast import make_connection
 from tests.support.apps import TcpApp, TunnelServer, echo, stream_pair
 from tests.support.pki import TestPki, ident
 from tests.support.rawh2 import RawH2Client
+from tests.test_hbone_datapath import END_HEADERS, HEADERS, WAIT, RawServer, bounded, client_with_stream, frame
 
 SERVER = ident("server")
 CLIENT = ident("client")
@@ -161,3 +163,36 @@ def test_header_blocks_are_sent_without_huffman_coding() -> None:
     assert isinstance(frame, HeadersFrame)
     assert b"10.44.0.7:8080" in frame.data and b"k8s.namespace.name=default" in frame.data  # literal, not coded
     assert hpack.Decoder().decode(frame.data, raw=True) == headers
+
+
+@bounded(30)
+async def test_client_resets_a_malformed_response_and_keeps_the_connection(pki: TestPki) -> None:
+    """A malformed response (RFC 9113 §8.1.1) is an error of its stream: that CONNECT fails with the reason,
+    and the tunnel already open on the connection, and the next CONNECT, go on."""
+    srv = await RawServer(pki.server_ctx(SERVER), {}).start()
+    conn, first, peer, a = await client_with_stream(pki, srv)
+    try:
+        opening = asyncio.ensure_future(conn.open_stream("127.0.0.1:9"))
+        await peer.until(lambda: len(peer.headers) == 2, "the second CONNECT")
+        b = max(peer.headers)
+        peer.write(frame(HEADERS, END_HEADERS, b, peer.encoder.encode([(":status", "200"), ("X-Upper", "1")])))
+        with pytest.raises(StreamReset, match="malformed") as refused:
+            await asyncio.wait_for(opening, WAIT)
+        assert refused.value.code == ErrorCodes.PROTOCOL_ERROR
+        await peer.until(lambda: b in peer.resets, "the client's RST_STREAM")
+        assert peer.resets[b] == ErrorCodes.PROTOCOL_ERROR
+        # The first tunnel carries bytes both ways.
+        reader, writer = stream_pair(first)
+        writer.write(b"up")
+        await peer.until(lambda: bytes(peer.data[a]) == b"up", "bytes up the first tunnel")
+        peer.send_data(a, b"down")
+        assert await asyncio.wait_for(reader.readexactly(4), WAIT) == b"down"
+        # And a new CONNECT on the same connection is answered.
+        opening = asyncio.ensure_future(conn.open_stream("127.0.0.1:9"))
+        await peer.until(lambda: len(peer.headers) == 3, "the third CONNECT")
+        peer.respond(max(peer.headers))
+        await asyncio.wait_for(opening, WAIT)
+        assert not peer.goaways and not conn.is_closed, peer.summary()
+    finally:
+        conn.close()
+        await srv.close()

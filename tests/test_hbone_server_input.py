@@ -8,11 +8,15 @@ import logging
 import os
 
 import pytest
+from h2.errors import ErrorCodes
+from hyperframe.frame import RstStreamFrame
 
 from hbone.client import dial
+from hbone.connection import H2Settings
 from tests.support.apps import TcpApp, TunnelServer, read_all, stream_pair
 from tests.support.pki import TestPki, ident
 from tests.support.rawh2 import RawH2Client
+from tests.test_hbone_datapath import END_HEADERS, END_STREAM, HEADERS, RawPeer, bounded, frame
 
 SERVER = ident("server")
 CLIENT = ident("client")
@@ -58,10 +62,11 @@ def closed_port() -> int:
         ([(":method", "GET"), (":scheme", "https"), (":path", "/"), (":authority", "127.0.0.1:80")], 400),
         ([(":method", "CONNECT"), (":authority", "no-port-here")], 400),
         ([(":method", "CONNECT"), (":authority", "127.0.0.1:99999")], 400),
+        ([(":method", "CONNECT"), (":authority", "::1:80")], 400),
         ([(":method", "CONNECT"), (":authority", f"{DENIED_HOST}:8080")], 401),
         ([(":method", "CONNECT"), (":authority", f"127.0.0.1:{closed_port()}")], 503),
     ],
-    ids=["GET", "no-port", "port-out-of-range", "denied", "nothing-listening"],
+    ids=["GET", "no-port", "port-out-of-range", "unbracketed-ipv6", "denied", "nothing-listening"],
 )
 async def test_error_status_ends_the_stream_with_headers_only(pki, server, echo_app, headers, status) -> None:
     client = await raw(pki, server)
@@ -84,13 +89,94 @@ async def test_success_is_200_without_end_stream_and_with_response_headers(pki, 
     client.close()
 
 
-async def test_connect_without_authority_costs_only_its_connection(pki, server, echo_app, caplog) -> None:
+async def exchange(peer: RawPeer, sid: int, payload: bytes) -> None:
+    """`payload` goes up the tunnel `sid` to the echo application and comes back whole."""
+    before = len(peer.data[sid])
+    await peer.send_when_allowed(sid, payload)
+    await peer.until(lambda: len(peer.data[sid]) >= before + len(payload), f"the echo on stream {sid}")
+    assert bytes(peer.data[sid][before:]) == payload
+
+
+def send_request(peer: RawPeer, headers: list[tuple[str, str]], *, end_stream: bool = False) -> int:
+    sid = peer.next_stream_id
+    peer.next_stream_id += 2
+    flags = END_HEADERS | (END_STREAM if end_stream else 0)
+    peer.write(frame(HEADERS, flags, sid, peer.encoder.encode(headers)))
+    return sid
+
+
+# Malformed requests (RFC 9113 §8.1.1): errors of their stream, not of the connection.
+MALFORMED = {
+    "GET without :path": ([(":method", "GET"), (":scheme", "https"), (":authority", "127.0.0.1:80")], True),
+    "CONNECT with :scheme and :path": (
+        [(":method", "CONNECT"), (":scheme", "https"), (":path", "/"), (":authority", "127.0.0.1:80")],
+        False,
+    ),
+    "CONNECT without :authority": ([(":method", "CONNECT")], False),
+    "uppercase header name": ([(":method", "CONNECT"), (":authority", "127.0.0.1:80"), ("X-Upper", "1")], False),
+    "connection-specific header": (
+        [(":method", "CONNECT"), (":authority", "127.0.0.1:80"), ("connection", "keep-alive")],
+        False,
+    ),
+}
+
+
+@bounded(60)
+async def test_malformed_requests_reset_their_stream_and_the_connection_goes_on(pki, server, echo_app, caplog) -> None:
     caplog.set_level(logging.INFO)
-    client = await raw(pki, server)
-    outcome = await client.request([(":method", "CONNECT")])
-    assert outcome.status is None and outcome.connection_closed
-    assert any("protocol error" in r.getMessage() for r in caplog.records if r.name.startswith("hbone"))
-    await assert_still_serving(pki, server, echo_app)
+    echo = f"127.0.0.1:{echo_app.port}"
+    peer = await RawPeer.connect(server.address, pki.client_ctx(CLIENT))
+    first = await peer.connect_stream(echo)
+    await exchange(peer, first, b"before")
+    for n, (name, (headers, end_stream)) in enumerate(MALFORMED.items()):
+        sid = send_request(peer, headers, end_stream=end_stream)
+        if not end_stream:
+            peer.send_data(sid, b"sent before the reset arrived")  # for a stream the server has reset
+        await peer.until(lambda sid=sid: sid in peer.resets, f"RST_STREAM for the {name}")
+        await peer.ping()  # the server has read everything sent so far
+        assert sid not in peer.headers, name  # no answer, only the reset
+        assert peer.resets[sid] in (ErrorCodes.PROTOCOL_ERROR, ErrorCodes.STREAM_CLOSED), name
+        assert not peer.goaways and not peer.eof, (name, peer.summary())
+        await exchange(peer, first, f"after {name}".encode())
+        await exchange(peer, first, os.urandom(100_000))
+        assert len(server.server.connections) == 1
+        logged = [r.getMessage() for r in caplog.records if "malformed header block" in r.getMessage()]
+        assert len(logged) == n + 1 and f"stream {sid} " in logged[-1], logged
+    # The first answer was PROTOCOL_ERROR (a late DATA frame may have drawn a STREAM_CLOSED since).
+    again = await peer.connect_stream(echo)
+    await exchange(peer, again, b"a new tunnel on the same connection")
+    await exchange(peer, first, b"and the first one still")
+    assert not peer.violations, peer.violations
+    await peer.close()
+
+
+@bounded(60)
+async def test_a_stream_over_the_limit_is_refused_and_the_connection_goes_on(pki, echo_app) -> None:
+    limited = H2Settings(server_max_streams=2)
+    server = await TunnelServer(SERVER, lambda: pki.server_ctx(SERVER), settings=limited).start()
+    echo = f"127.0.0.1:{echo_app.port}"
+    peer = await RawPeer.connect(server.address, pki.client_ctx(CLIENT))
+    a = await peer.connect_stream(echo)
+    b = await peer.connect_stream(echo)
+    # A third, with a header only it carries: the server must decode its block all the same, or the HPACK
+    # references of the next block are off. DATA follows at once, as a client sends before any answer.
+    c = peer.open_stream(echo, [("x-only-on-the-refused-stream", "1")])
+    peer.send_data(c, b"early data on the refused stream")
+    await peer.until(lambda: c in peer.resets, "RST_STREAM for the stream over the limit")
+    await peer.ping()
+    assert c not in peer.headers
+    assert peer.resets[c] in (ErrorCodes.REFUSED_STREAM, ErrorCodes.STREAM_CLOSED)
+    assert not peer.goaways and not peer.eof, peer.summary()
+    for sid in (a, b):
+        await exchange(peer, sid, os.urandom(50_000))
+    # A slot frees up; the retry (same headers, so HPACK references to the refused block) gets through.
+    peer.write(RstStreamFrame(a, error_code=ErrorCodes.CANCEL).serialize())
+    retry = await peer.connect_stream(echo, [("x-only-on-the-refused-stream", "1")])
+    await exchange(peer, retry, b"retried")
+    await exchange(peer, b, b"b goes on")
+    assert not peer.goaways and not peer.violations, peer.summary()
+    await peer.close()
+    await server.close()
 
 
 async def test_header_list_over_64k_costs_only_its_connection(pki, server, echo_app) -> None:
