@@ -20,7 +20,7 @@ from hbone.h2fast import make_connection
 from tests.support.apps import TcpApp, TunnelServer, echo, stream_pair
 from tests.support.pki import TestPki, ident
 from tests.support.rawh2 import RawH2Client
-from tests.test_hbone_datapath import END_HEADERS, HEADERS, WAIT, RawServer, bounded, client_with_stream, frame
+from tests.support.rawpeer import END_HEADERS, HEADERS, WAIT, RawServer, bounded, client_with_stream, frame
 
 SERVER = ident("server")
 CLIENT = ident("client")
@@ -170,7 +170,7 @@ async def test_client_resets_a_malformed_response_and_keeps_the_connection(pki: 
     """A malformed response (RFC 9113 §8.1.1) is an error of its stream: that CONNECT fails with the reason,
     and the tunnel already open on the connection, and the next CONNECT, go on."""
     srv = await RawServer(pki.server_ctx(SERVER), {}).start()
-    conn, first, peer, a = await client_with_stream(pki, srv)
+    conn, first, peer, a = await client_with_stream(srv, pki.client_ctx(CLIENT), SERVER)
     try:
         opening = asyncio.ensure_future(conn.open_stream("127.0.0.1:9"))
         await peer.until(lambda: len(peer.headers) == 2, "the second CONNECT")

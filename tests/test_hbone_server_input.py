@@ -16,7 +16,7 @@ from hbone.connection import H2Settings
 from tests.support.apps import TcpApp, TunnelServer, read_all, stream_pair
 from tests.support.pki import TestPki, ident
 from tests.support.rawh2 import RawH2Client
-from tests.test_hbone_datapath import END_HEADERS, END_STREAM, HEADERS, RawPeer, bounded, frame
+from tests.support.rawpeer import END_HEADERS, END_STREAM, HEADERS, RawPeer, bounded, frame
 
 SERVER = ident("server")
 CLIENT = ident("client")
