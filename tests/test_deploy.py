@@ -20,7 +20,6 @@ import socket
 import subprocess
 import sys
 import time
-import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -34,57 +33,30 @@ import yaml
 
 from certs import make_mesh_pki
 from mesh.config import parse_config
+from tests.support.deploy_files import (
+    DEPLOY,
+    MESH_DIR,
+    REPO,
+    console_scripts,
+    dockerfile_instructions,
+    healthcheck_argv,
+    load_compose,
+    netns_owner,
+    pyproject,
+    service_env,
+    subnets,
+)
 from topology.addressing import AddressPlan, plan_addresses
 from topology.generate import generate_configs, render, write_configs
 from topology.loader import load_topology
 
-REPO = Path(__file__).resolve().parent.parent
-DEPLOY = REPO / "deploy"
 KUBE = DEPLOY / "kubernetes"
 DOCKERFILES = [REPO / "Dockerfile", DEPLOY / "compose" / "netadmin.Dockerfile"]
 KUBERNETES_VERSIONS = ["1.30.0", "1.37.0"]  # an older supported release and the newest schemas bundled
 DAEMON_PORTS = {15008, 15001, 15006, 15080, 15020, 15021}
-MESH_DIR = "/var/lib/ambient"  # where the compose `mesh` volume is mounted
 
 
-# --- shared helpers (tests/test_deploy_compose.py uses them too) ----------------------------------------------
-
-
-def pyproject() -> dict[str, Any]:
-    return tomllib.loads((REPO / "pyproject.toml").read_text())
-
-
-def console_scripts() -> dict[str, str]:
-    """{script: module} of [project.scripts], e.g. {"ztunnel-py": "ztunnel_py"}."""
-    scripts = pyproject()["project"]["scripts"]
-    return {name: target.split(":")[0].removesuffix(".__main__") for name, target in scripts.items()}
-
-
-def load_compose() -> dict[str, Any]:
-    return yaml.safe_load((DEPLOY / "compose.yaml").read_text())
-
-
-def interpolate(value: str, env: dict[str, str] | None = None) -> str:
-    """Compose's `${VAR:-default}` and `${VAR}`, from `env` (default: empty, so defaults apply)."""
-    env = env or {}
-
-    def one(m: re.Match[str]) -> str:
-        name, default = m.group(1), m.group(3) or ""
-        return env.get(name) or default
-
-    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}", one, value)
-
-
-def service_env(service: dict[str, Any]) -> dict[str, str]:
-    env = service.get("environment") or {}
-    assert isinstance(env, dict), "environment is written as a mapping"
-    return {str(k): interpolate(str(v)) for k, v in env.items()}
-
-
-def netns_owner(services: dict[str, Any], name: str) -> str:
-    """The service whose network namespace `name` runs in (itself, or its `network_mode: service:X`)."""
-    mode = services[name].get("network_mode", "")
-    return mode.removeprefix("service:") if mode.startswith("service:") else name
+# --- helpers --------------------------------------------------------------------------------------------------
 
 
 def effective_networks(services: dict[str, Any], name: str) -> set[str]:
@@ -108,10 +80,6 @@ def netns_addresses(services: dict[str, Any], owner: str) -> set[IPv4Address]:
     if "GATEWAY_ADDR" in env:
         addrs.add(IPv4Interface(env["GATEWAY_ADDR"]).ip)
     return addrs
-
-
-def subnets(compose: dict[str, Any]) -> dict[str, IPv4Network]:
-    return {name: IPv4Network(net["ipam"]["config"][0]["subnet"]) for name, net in compose["networks"].items()}
 
 
 def host_port(addr: str) -> tuple[str, int]:
@@ -142,31 +110,6 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
             return r.status, r.read().decode(errors="replace")
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode(errors="replace")
-
-
-def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
-    out: list[tuple[str, str]] = []
-    pending = ""
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not pending and (not line or line.startswith("#")):
-            continue
-        if line.startswith("#"):
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        full = (pending + line).strip()
-        pending = ""
-        keyword, _, args = full.partition(" ")
-        out.append((keyword.upper(), args.strip()))
-    return out
-
-
-def healthcheck_argv() -> list[str]:
-    args = next(a for k, a in dockerfile_instructions(REPO / "Dockerfile") if k == "HEALTHCHECK")
-    return json.loads(args[args.index("CMD") + 3 :].strip())
 
 
 class DockerIgnore:

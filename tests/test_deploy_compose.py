@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.test_deploy import (
+from tests.support.deploy_files import (
     DEPLOY,
     MESH_DIR,
     REPO,
