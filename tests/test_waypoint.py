@@ -4,41 +4,52 @@ stand-in ztunnels at the endpoints' podIP:15008, routing every request on its ow
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections import Counter
 
 import pytest
 
+from hbone.authority import parse_authority
 from hbone.errors import ConnectRefused
+from mesh.config import parse_config
 from mesh.metrics import HTTP_BUCKETS
+from mesh.settings import WorkloadInfo
+from mesh.state import MeshState
 from tests.support.http_clients import Http1Client, open_tunnel
 from tests.support.pki import TestPki
 from tests.support.waypoint_mesh import (
     CLIENT_ID,
+    CLIENT_IP,
+    NETWORK,
     REMOTE_ID,
     WAYPOINT_ID,
     Endpoints,
     Topology,
     baggage_of,
+    custom_upstream,
     fqdn,
 )
 from tests.support.waypoint_proc import WaypointProcess, series, total
+from waypoint_py.destination import resolve
+from waypoint_py.http_types import RequestHead
+from waypoint_py.routes import NoRoute, decide
+from waypoint_py.view import build_view
 
 REQUESTS = "istio_requests_total"
 
 
-
-
-async def client_for(pki: TestPki, wp: WaypointProcess, authority: str,
-                     baggage: str | None = None) -> Http1Client:  # fmt: skip
+async def client_for(pki: TestPki, wp: WaypointProcess, authority: str, baggage: str | None = None,
+                     source_ip: str | None = None) -> Http1Client:  # fmt: skip
     headers = [("baggage", baggage)] if baggage else []
-    _, tunnel = await open_tunnel(pki, CLIENT_ID, wp.inbound, WAYPOINT_ID, authority, headers)
+    _, tunnel = await open_tunnel(pki, CLIENT_ID, wp.inbound, WAYPOINT_ID, authority, headers, source_ip)
     return Http1Client(tunnel)
 
 
 async def test_requests_on_one_connection_spread_over_endpoints(
     pki: TestPki, topo: Topology, waypoint: WaypointProcess, endpoints: Endpoints
 ) -> None:
-    client = await client_for(pki, waypoint, topo.authority("echo"), baggage_of("liar"))
+    # From the client's own address: without baggage, the source is a workload only when identity and IP match.
+    client = await client_for(pki, waypoint, topo.authority("echo"), baggage_of("liar"), topo.ip(CLIENT_IP))
     seen: Counter[str] = Counter()
     for _ in range(300):
         resp = await client.request("GET", "/", "echo:80")
@@ -146,6 +157,45 @@ async def test_upstream_connect_failure_is_503_uf(pki: TestPki, topo: Topology, 
     client.close()
     samples = waypoint.scrape()
     assert total(samples, REQUESTS, destination_service=fqdn("down"), response_code="503", response_flags="UF") == 1
+
+
+async def test_upstream_failures_before_the_response(pki: TestPki, topo: Topology,
+                                                     waypoint: WaypointProcess) -> None:  # fmt: skip
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if head.startswith(b"GET /invalid "):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\nhello")
+            await reader.read()  # until the waypoint gives up on the connection
+        # else: the connection closes with no answer at all
+
+    async with custom_upstream(topo, pki, app):
+        client = await client_for(pki, waypoint, topo.authority("custom"))
+        # Not HTTP: 502, "upstream protocol error", as Envoy answers and flags it.
+        resp = await client.request("GET", "/invalid", "custom")
+        assert resp.status == 502 and b"malformed HTTP/1.1" in resp.body, resp
+        # The connection closed before an answer: 503 with Envoy's "upstream connection termination" (UR is an
+        # HTTP/2 stream reset).
+        resp = await client.request("GET", "/closed", "custom")
+        assert resp.status == 503 and b"closed the connection" in resp.body, resp
+        client.close()
+    samples = waypoint.scrape()
+    svc = fqdn("custom")
+    assert total(samples, REQUESTS, destination_service=svc, response_code="502", response_flags="UPE") == 1
+    assert total(samples, REQUESTS, destination_service=svc, response_code="503", response_flags="UC") == 1
+
+
+def test_route_to_a_backend_missing_from_the_state_is_500(topo: Topology) -> None:
+    # Loading the config refuses a route to an undefined service; should the waypoint's view lack one all the
+    # same, the answer is Gateway API's for an invalid backend: 500.
+    state = MeshState(parse_config(topo.config(), "mesh.yaml"))
+    view = build_view(state, WorkloadInfo("default", "waypoint", "waypoint"), NETWORK, "cluster1")
+    services = {key: svc for key, svc in view.services_by_name.items() if key != ("default", "echo-v2")}
+    without_v2 = dataclasses.replace(view, services_by_name=services)
+    original = resolve(state, NETWORK, parse_authority(topo.authority("echo")))
+    with pytest.raises(NoRoute) as info:
+        decide(without_v2, original, RequestHead("GET", "/v2/x", fqdn("echo"), [], False))
+    assert info.value.status == 500
+    assert "backend service default/echo-v2 is not in the mesh state" in str(info.value)
 
 
 async def test_unknown_original_destination_is_refused_503(pki: TestPki, topo: Topology,

@@ -1,6 +1,7 @@
 """The waypoint's HTTP inside tunnels: HTTP/2 prior knowledge with gRPC trailers, a 100 MiB streamed upload
-with bounded memory, pipelining, 100-continue, and a graceful drain on SIGTERM; and, without processes, what
-its HTTP/1.1 side refuses and when it sends 100 Continue."""
+with bounded memory, pipelining, 100-continue, and a graceful drain on SIGTERM; gRPC answers the way gRPC
+clients need them, a client that gives up taking its upstream request with it, and a malformed body; and,
+without processes, what its HTTP/1.1 side refuses and when it sends 100 Continue."""
 
 from __future__ import annotations
 
@@ -8,19 +9,29 @@ import asyncio
 import hashlib
 from pathlib import Path
 
+import h2.config
+import h2.connection
+import h2.events
 import h11
 import pytest
+from h2.errors import ErrorCodes
 
-from tests.support.http_clients import Http1Client, grpc_calls, open_tunnel
+from tests.support.http_clients import H2Client, Http1Client, grpc_calls, open_tunnel
 from tests.support.pki import TestPki
-from tests.support.standins import FakeWriter, reader_with
-from tests.support.waypoint_mesh import CLIENT_ID, WAYPOINT_ID, Endpoints, Topology, fqdn
-from tests.support.waypoint_proc import WaypointProcess, series, total
+from tests.support.standins import FakeWriter, H2App, reader_with
+from tests.support.waypoint_mesh import CLIENT_ID, WAYPOINT_ID, Endpoints, Topology, custom_upstream, fqdn
+from tests.support.waypoint_proc import WaypointProcess, eventually, series, total
 from waypoint_py.h1_server import Http1Exchange, Http1Session
 
 MiB = 1 << 20
+REQUESTS = "istio_requests_total"
+GRPC = [("content-type", "application/grpc"), ("te", "trailers")]
+MESSAGE = b"\x00\x00\x00\x00\x02hi"  # one length-prefixed gRPC message
+DEADLINE = 10.0  # for what the test waits on, never a measure of anything
 
 
+def requests_of(waypoint: WaypointProcess, service: str, **labels: str) -> float:
+    return total(waypoint.scrape(), REQUESTS, destination_service=fqdn(service), **labels)
 
 
 async def test_grpc_over_http2_with_trailers(pki: TestPki, topo: Topology, waypoint: WaypointProcess,
@@ -120,6 +131,140 @@ async def test_sigterm_lets_the_request_in_flight_finish(pki: TestPki, topo: Top
         assert await exit_status == 0
     finally:
         proc.stop()
+
+
+async def test_grpc_trailers_only_answer_is_one_headers_frame(pki: TestPki, topo: Topology,
+                                                             waypoint: WaypointProcess) -> None:  # fmt: skip
+    def not_found(conn: h2.connection.H2Connection, sid: int) -> None:
+        conn.send_headers(sid, [(":status", "200"), ("content-type", "application/grpc"), ("grpc-status", "5"),
+                                ("grpc-message", "no such thing")], end_stream=True)  # fmt: skip
+
+    async with custom_upstream(topo, pki, H2App(not_found)):
+        _, tunnel = await open_tunnel(pki, CLIENT_ID, waypoint.inbound, WAYPOINT_ID, topo.authority("custom"))
+        client = H2Client(tunnel)
+        sid = client.request("custom", "/pkg.Things/Get", GRPC, MESSAGE)
+        response = await asyncio.wait_for(client.next_event(sid), DEADLINE)
+        assert isinstance(response, h2.events.ResponseReceived)
+        assert dict(response.headers)["grpc-status"] == "5"
+        # END_STREAM on the HEADERS frame itself: gRPC clients read HEADERS followed by an empty DATA that ends
+        # the stream as "server closed the stream without sending trailers" (INTERNAL), not as the status.
+        assert response.stream_ended is not None
+        client.close()
+    await eventually(lambda: requests_of(waypoint, "custom", request_protocol="grpc", response_code="200",
+                                         response_flags="-", grpc_response_status="5") == 1,
+                     "the call is counted")  # fmt: skip
+
+
+async def test_grpc_answer_without_grpc_status_counts_as_unknown(pki: TestPki, topo: Topology,
+                                                                 waypoint: WaypointProcess) -> None:  # fmt: skip
+    def broken(conn: h2.connection.H2Connection, sid: int) -> None:
+        conn.send_headers(sid, [(":status", "200"), ("content-type", "application/grpc")])
+        conn.send_data(sid, MESSAGE)
+        conn.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)  # and never a grpc-status
+
+    async with custom_upstream(topo, pki, H2App(broken)):
+        _, tunnel = await open_tunnel(pki, CLIENT_ID, waypoint.inbound, WAYPOINT_ID, topo.authority("custom"))
+        client = H2Client(tunnel)
+        sid = client.request("custom", "/pkg.Things/Broken", GRPC, MESSAGE)
+        event = await asyncio.wait_for(client.next_event(sid), DEADLINE)
+        while not isinstance(event, h2.events.StreamReset):
+            event = await asyncio.wait_for(client.next_event(sid), DEADLINE)
+        client.close()
+    # HTTP 200 without grpc-status is UNKNOWN (2), as Envoy maps it; not OK (0).
+    await eventually(lambda: requests_of(waypoint, "custom", request_protocol="grpc", response_code="200",
+                                         response_flags="UR", grpc_response_status="2") == 1,
+                     "the call is counted with grpc_response_status 2")  # fmt: skip
+
+
+async def test_http2_upstream_connection_closed_is_503_uc(pki: TestPki, topo: Topology,
+                                                          waypoint: WaypointProcess) -> None:  # fmt: skip
+    async def hangs_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        while data := await reader.read(1 << 16):
+            if any(isinstance(e, h2.events.RequestReceived) for e in conn.receive_data(data)):
+                return  # the connection closes under the request
+
+    async with custom_upstream(topo, pki, hangs_up):
+        _, tunnel = await open_tunnel(pki, CLIENT_ID, waypoint.inbound, WAYPOINT_ID, topo.authority("custom"))
+        client = H2Client(tunnel)
+        sid = client.request("custom", "/pkg.Things/Gone", GRPC, MESSAGE)
+        response = await asyncio.wait_for(client.next_event(sid), DEADLINE)
+        assert isinstance(response, h2.events.ResponseReceived) and dict(response.headers)[":status"] == "503"
+        client.close()
+    # The whole connection ended: Envoy's "upstream connection termination" (UC); UR is a stream reset.
+    await eventually(lambda: requests_of(waypoint, "custom", request_protocol="grpc", response_code="503",
+                                         response_flags="UC") == 1, "the call is counted")  # fmt: skip
+
+
+async def test_http2_expect_100_continue(pki: TestPki, topo: Topology, waypoint: WaypointProcess,
+                                         endpoints: Endpoints) -> None:  # fmt: skip
+    _, tunnel = await open_tunnel(pki, CLIENT_ID, waypoint.inbound, WAYPOINT_ID, topo.authority("grpc"))
+    client = H2Client(tunnel)
+    sid = client.request("grpc:50051", "/echo.Echo/Say", [*GRPC, ("expect", "100-continue")])
+    # The client holds its body back until it is told to go on.
+    informational = await asyncio.wait_for(client.next_event(sid), DEADLINE)
+    assert isinstance(informational, h2.events.InformationalResponseReceived)
+    assert dict(informational.headers)[":status"] == "100"
+    client.send_body(sid, MESSAGE)
+    response = await asyncio.wait_for(client.next_event(sid), DEADLINE)
+    assert isinstance(response, h2.events.ResponseReceived) and dict(response.headers)[":status"] == "200"
+    data = await asyncio.wait_for(client.next_event(sid), DEADLINE)
+    assert isinstance(data, h2.events.DataReceived) and data.data == MESSAGE
+    trailers = await asyncio.wait_for(client.next_event(sid), DEADLINE)
+    assert isinstance(trailers, h2.events.TrailersReceived) and dict(trailers.headers)["grpc-status"] == "0"
+    client.close()
+    assert "expect" not in endpoints.grpc.seen_headers[-1]  # answered here, not forwarded
+
+
+async def test_http2_client_reset_cancels_the_upstream_stream(pki: TestPki, topo: Topology,
+                                                              waypoint: WaypointProcess) -> None:  # fmt: skip
+    app = H2App(answer=None)  # never answers
+    async with custom_upstream(topo, pki, app):
+        _, tunnel = await open_tunnel(pki, CLIENT_ID, waypoint.inbound, WAYPOINT_ID, topo.authority("custom"))
+        client = H2Client(tunnel)
+        sid = client.request("custom", "/pkg.Things/Wait", GRPC, MESSAGE)
+        await eventually(lambda: len(app.requests) == 1, "the call reaches the upstream")
+        client.reset(sid)  # a gRPC client past its deadline
+        await eventually(lambda: app.resets == [ErrorCodes.CANCEL], "the upstream stream is reset (CANCEL)")
+        client.close()
+    # Reported as the client's disconnect, with no response.
+    await eventually(lambda: requests_of(waypoint, "custom", request_protocol="grpc", response_code="0",
+                                         response_flags="DC", grpc_response_status="unknown") == 1,
+                     "the cancelled call is counted")  # fmt: skip
+
+
+async def test_http1_client_close_cancels_the_upstream_request(pki: TestPki, topo: Topology,
+                                                               waypoint: WaypointProcess) -> None:  # fmt: skip
+    seen: list[bytes] = []
+
+    async def never_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await reader.readuntil(b"\r\n\r\n"))
+        while await reader.read(1 << 16):
+            pass
+        seen.append(b"")  # the waypoint ended the upstream connection
+
+    async with custom_upstream(topo, pki, never_answers):
+        _, tunnel = await open_tunnel(pki, CLIENT_ID, waypoint.inbound, WAYPOINT_ID, topo.authority("custom"))
+        client = Http1Client(tunnel)
+        client.writer.write(b"GET /wait HTTP/1.1\r\nHost: custom\r\n\r\n")
+        await eventually(lambda: len(seen) == 1, "the request reaches the upstream")
+        client.close()  # the client gives up
+        await eventually(lambda: len(seen) == 2, "the upstream connection is closed")
+    await eventually(lambda: requests_of(waypoint, "custom", request_protocol="http", response_code="0",
+                                         response_flags="DC") == 1, "the abandoned request is counted")  # fmt: skip
+
+
+async def test_malformed_request_body_is_400_and_closes(pki: TestPki, topo: Topology, waypoint: WaypointProcess,
+                                                        endpoints: Endpoints) -> None:  # fmt: skip
+    _, tunnel = await open_tunnel(pki, CLIENT_ID, waypoint.inbound, WAYPOINT_ID, topo.authority("echo"))
+    client = Http1Client(tunnel)
+    client.writer.write(b"POST /upload HTTP/1.1\r\nHost: echo\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        b"zz\r\nhello\r\n0\r\n\r\n")  # fmt: skip
+    reply = await asyncio.wait_for(client.reader.read(), DEADLINE)  # everything until the waypoint closes
+    head = reply.partition(b"\r\n\r\n")[0].lower()
+    assert head.startswith(b"http/1.1 400 ") and b"\r\nconnection: close" in head, reply
+    await eventually(lambda: requests_of(waypoint, "echo", response_code="400", response_flags="DPE") == 1,
+                     "the request is counted as 400 DPE")  # fmt: skip
 
 
 # -- the HTTP/1.1 side on its own ---------------------------------------------------------------------------

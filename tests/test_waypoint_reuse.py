@@ -22,7 +22,7 @@ from tests.support.pki import TestPki
 from tests.support.standins import FakeWriter, reader_with
 from tests.support.waypoint_mesh import CLIENT_ID, WAYPOINT_ID, Endpoints, Topology, fqdn
 from tests.support.waypoint_proc import WaypointProcess, total
-from waypoint_py.errors import UpstreamProtocolError, UpstreamReset
+from waypoint_py.errors import UpstreamClosed, UpstreamProtocolError
 from waypoint_py.http_types import RequestHead, ResponseHead
 from waypoint_py.telemetry import MESSAGE, RequestReport, RequestTelemetry
 from waypoint_py.upstream_h1 import Http1Upstream
@@ -119,7 +119,7 @@ async def test_upstream_closing_idle_connections_is_invisible(
     samples = waypoint.scrape()
     svc = fqdn("echo")
     assert total(samples, REQUESTS, destination_service=svc, response_code="503") == 0
-    assert total(samples, REQUESTS, destination_service=svc, response_flags="UR") == 0
+    assert total(samples, REQUESTS, destination_service=svc, response_flags="UC") == 0
 
 
 async def test_connection_close_answer_is_not_reused(
@@ -389,8 +389,10 @@ async def test_upstream_keep_alive_carries_the_next_exchange() -> None:
 @pytest.mark.parametrize(
     ("raw", "error", "nothing"),
     [
-        (b"", UpstreamReset, True),  # a kept stream the upstream had closed: the request may go again
-        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab", UpstreamReset, False),
+        # Closed (UC, not UR): a kept stream the upstream had closed, where the request may go again; a body cut.
+        (b"", UpstreamClosed, True),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab", UpstreamClosed, False),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nab", UpstreamClosed, False),
         (b"HTTX/1.1 200 OK\r\n\r\n", UpstreamProtocolError, False),
         (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", UpstreamProtocolError, False),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", UpstreamProtocolError, False),
@@ -409,3 +411,16 @@ async def test_upstream_failures(raw: bytes, error: type[Exception], nothing: bo
     assert type(info.value) is error
     assert up.nothing_received is nothing
     assert not up.reusable()
+
+
+async def test_upstream_abort_ends_the_wait_and_the_stream() -> None:
+    """What the forwarder does when the client gives up: the wait for the response ends at once, and the stream
+    closes for good."""
+    writer = FakeWriter()
+    up = Http1Upstream(reader_with(b"", eof=False), writer)  # type: ignore[arg-type]
+    await up.send_head(_request(), end=True)
+    waiting = asyncio.create_task(up.response_head())
+    up.abort()
+    with pytest.raises(UpstreamClosed):
+        await waiting
+    assert writer.closed and not up.reusable()

@@ -1,4 +1,5 @@
-"""Why a request failed, each with the Envoy response flag it is reported with (SPEC §7)."""
+"""Why a request failed, each with the Envoy response flag it is reported with (SPEC §7), and for upstream
+failures before any response the status the client gets (as Envoy answers)."""
 
 from __future__ import annotations
 
@@ -17,12 +18,21 @@ class UpstreamReset(ProxyError):
     """The upstream stream ended or broke before the response was complete."""
 
     flag = "UR"
+    status = 503
+
+
+class UpstreamClosed(UpstreamReset):
+    """The upstream HTTP/1.1 connection ended (closed or lost) before the response was complete: Envoy's
+    "upstream connection termination", where UR is an HTTP/2 stream reset."""
+
+    flag = "UC"
 
 
 class UpstreamProtocolError(UpstreamReset):
     """The upstream answered with something that is not valid HTTP."""
 
     flag = "UPE"
+    status = 502
 
 
 class DownstreamGone(ProxyError):

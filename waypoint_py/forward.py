@@ -8,6 +8,7 @@ response is awaited (a server may answer before it has read everything), and not
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from waypoint_py import retry
 from waypoint_py.body import RETRY_BODY_LIMIT, BodyCursor, RetainedBody
 from waypoint_py.destination import OriginalDestination
 from waypoint_py.endpoints import EndpointChooser
-from waypoint_py.errors import DownstreamGone, UpstreamConnectFailed, UpstreamReset
+from waypoint_py.errors import DownstreamGone, DownstreamProtocolError, UpstreamConnectFailed, UpstreamReset
 from waypoint_py.http_types import Downstream, RequestHead, ResponseHead, Upstream, first
 from waypoint_py.routes import NoRoute, RouteTarget, decide
 from waypoint_py.telemetry import RequestReport
@@ -34,7 +35,8 @@ log = logging.getLogger("waypoint.forward")
 # Methods that may be sent again after an upstream connection failed before any answer (RFC 9110 §9.2.2).
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
-# gRPC's mapping of HTTP statuses for responses without grpc-status (gRPC's http-grpc-status-mapping.md).
+# gRPC's mapping of HTTP statuses for responses without grpc-status (gRPC's http-grpc-status-mapping.md);
+# anything else, 200 included, is UNKNOWN (2), as Envoy reports it.
 _GRPC_OF_HTTP = {400: "13", 401: "16", 403: "7", 404: "12", 429: "14", 502: "14", 503: "14", 504: "14"}
 
 
@@ -77,17 +79,24 @@ class Forwarder:
                                head.authority, ds.protocol, head.is_grpc, time.monotonic())  # fmt: skip
         try:
             await self._route_and_forward(conn, ds, report)
+        except DownstreamProtocolError as exc:
+            # The request body was malformed: 400, and the connection closes (unless an answer had started).
+            with contextlib.suppress(DownstreamGone):
+                await self._reply(ds, report, 400, exc.flag, str(exc))
         except DownstreamGone as exc:
             report.flag(exc.flag)
             report.error = report.error or str(exc)
             ds.abort()
         except asyncio.CancelledError:
-            report.flag("DC")
+            # The client connection ended under the request (its session cancels what it still runs); once the
+            # answer was given whole or cut off, that changes nothing for the request.
+            if not (ds.response_ended or ds.aborted):
+                report.flag("DC")
             raise
         finally:
             code = report.response_code
             if report.grpc and report.grpc_status is None and code:
-                report.grpc_status = "0" if code == 200 else _GRPC_OF_HTTP.get(code, "2")
+                report.grpc_status = _GRPC_OF_HTTP.get(code, "2")
             self.wp.telemetry.record(report, time.monotonic())
 
     async def _reply(self, ds: Downstream, report: RequestReport, status: int, flag: str, message: str) -> None:
@@ -193,14 +202,19 @@ class Forwarder:
             complete = False
             try:
                 try:
+                    # Without a body, the whole request goes in one write.
+                    await client.send_head(head, end=not head.has_body)
+                    # A client that gives up (closes, resets its stream) cancels the upstream request at once:
+                    # whatever waits for the upstream then fails, and the failure is reported as the client's.
+                    ds.watch_gone(client.abort)
                     if head.has_body:
-                        await client.send_head(head)
                         pump = asyncio.get_running_loop().create_task(self._pump(body.cursor(), client, body))
                         response = await self._response_head(client, pump)
                     else:
-                        await client.send_head(head, end=True)  # the whole request in one write
                         response = await client.response_head()
                 except UpstreamReset as exc:
+                    if ds.gone:
+                        raise DownstreamGone(f"client went away while waiting for the response ({exc})") from exc
                     if lease.reused and not fresh and client.nothing_received and _may_resend(head, body):
                         # A kept-alive connection the upstream had closed: once more, on a new connection.
                         log.debug("%s %s: kept-alive upstream connection to %s failed (%s); sending it again on a "
@@ -213,7 +227,7 @@ class Forwarder:
                     report.flag(exc.flag)
                     if attempt > 0:
                         report.flag("URX")
-                    await self._reply(ds, report, 503, exc.flag, f"upstream reset before the response: {exc}")
+                    await self._reply(ds, report, exc.status, exc.flag, f"upstream reset before the response: {exc}")
                     return
                 if retry.on_status(policy, response.status):
                     if not last and body.replayable:
@@ -224,6 +238,7 @@ class Forwarder:
                 complete = await self._relay_response(ds, client, response, report)
                 return
             finally:
+                ds.watch_gone(None)
                 if pump is not None:
                     if not pump.done():
                         pump.cancel()
@@ -274,6 +289,8 @@ class Forwarder:
                 report.response_bytes += len(chunk)
                 await ds.send_body(chunk, hold=True)
         except UpstreamReset as exc:
+            if ds.gone:
+                raise DownstreamGone(f"client went away in the middle of the response ({exc})") from exc
             report.flag(exc.flag)
             report.error = f"upstream reset in the middle of the response: {exc}"
             ds.abort()

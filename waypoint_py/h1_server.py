@@ -23,7 +23,7 @@ import h11
 from waypoint_py.errors import DownstreamGone, DownstreamProtocolError
 from waypoint_py.h1_heads import MAX_HEAD_BYTES, scan
 from waypoint_py.http_types import Headers, RequestHead, ResponseHead, end_to_end
-from waypoint_py.streams import JOIN_LIMIT, READ_SIZE, write_parts
+from waypoint_py.streams import JOIN_LIMIT, READ_SIZE, watched, write_parts
 
 log = logging.getLogger("waypoint.http1")
 
@@ -75,6 +75,13 @@ class Http1Session:
         self.idle = True
         self.idle_since = 0.0
         self._idle_timer: asyncio.TimerHandle | None = None
+        # The client closed its side (or the tunnel is gone). As for Envoy, which keeps no half-closed HTTP/1.1
+        # connection, the request in flight is then abandoned, and so is its upstream request.
+        self.client_ended = False
+        self._exchange: Http1Exchange | None = None
+        protocol = watched(writer)
+        if protocol is not None:
+            protocol.on_end = self._on_client_end
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -95,7 +102,9 @@ class Http1Session:
                 if exchange is None:
                     return  # the client is done (or was idle for too long, see _check_idle)
                 self.idle = False
+                self._exchange = exchange
                 await self.handle(exchange)
+                self._exchange = None
                 if not await self._ready_for_next(exchange):
                     return
         except (ConnectionError, OSError, DownstreamGone):
@@ -114,6 +123,11 @@ class Http1Session:
             return
         wait = IDLE_TIMEOUT - idle_for if self.idle else IDLE_TIMEOUT
         self._idle_timer = loop.call_later(max(wait, 0.001), self._check_idle)
+
+    def _on_client_end(self) -> None:
+        self.client_ended = True
+        if self._exchange is not None:
+            self._exchange._client_gone()
 
     def drain(self) -> None:
         """Finish the request in flight (its response says `connection: close`), then close."""
@@ -233,10 +247,12 @@ class Http1Exchange:
             has_body=encoding is not None or (length is not None and length != b"0"),
         )
         self.response_started = False
+        self.response_ended = False
         self.aborted = False
         self.body_done = False
         self._no_body = request.method == b"HEAD"  # a response to HEAD has none, whatever comes our way
         self.skipped_continue = False  # answered while the client still waited for 100 Continue
+        self._on_gone: Callable[[], None] | None = None
         self._trailers: Headers | None = None
         self._held: list[bytes] = []  # response bytes not written yet (see `start_response`)
         self._held_bytes = 0
@@ -244,6 +260,20 @@ class Http1Exchange:
     @property
     def request_trailers(self) -> Headers | None:
         return self._trailers
+
+    @property
+    def gone(self) -> bool:
+        return self.session.client_ended
+
+    def watch_gone(self, callback: Callable[[], None] | None) -> None:
+        self._on_gone = callback
+        if self.session.client_ended:
+            self._client_gone()
+
+    def _client_gone(self) -> None:
+        callback, self._on_gone = self._on_gone, None
+        if callback is not None:
+            callback()
 
     async def read_body(self) -> bytes | None:
         if self.body_done:
@@ -278,7 +308,8 @@ class Http1Exchange:
         conn = self.conn
         self.skipped_continue = conn.they_are_waiting_for_100_continue
         headers = head.headers
-        if self.session.draining:
+        if self.session.draining or self.aborted:
+            # No other request follows on this connection: draining, or this request was not read whole.
             headers = [*headers, (b"connection", b"close")]
         # h11 frames it: chunked when the length is unknown (or delimited by the close for HTTP/1.0), no body
         # for HEAD, and `connection: close` whenever the connection will not carry another request.
@@ -298,6 +329,7 @@ class Http1Exchange:
     async def end_response(self, trailers: Headers | None = None) -> None:
         # HTTP/1.1 trailers need a chunked response; rather than risk h11 refusing them, they are dropped.
         self._send(self.conn.send, _END)
+        self.response_ended = True
         await self.flush()
 
     async def flush(self) -> None:

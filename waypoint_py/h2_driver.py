@@ -49,6 +49,9 @@ class H2Stream:
         self.trailers: Headers | None = None
         self.remote_ended = False
         self.reset_code: int | None = None
+        # Server side: told once when the client resets the stream (or the connection fails under it), so
+        # that the request it made upstream is cancelled too.
+        self.on_reset: Callable[[], None] | None = None
         self._inbox: deque[tuple[bytes, int]] = deque()
         self._waiter: asyncio.Future[None] | None = None
 
@@ -62,6 +65,9 @@ class H2Stream:
             self.response.set_exception(StreamGone(f"stream reset ({_code_name(code)}) before the response"))
             self.response.exception()  # retrieved: whoever waits sees it; nobody waiting is fine too
         self._wake()
+        callback, self.on_reset = self.on_reset, None
+        if callback is not None:
+            callback()
 
     async def read(self) -> bytes | None:
         """The next DATA payload, or None after END_STREAM. Raises StreamGone after a reset."""
@@ -336,6 +342,13 @@ class H2Driver:
             with contextlib.suppress(h2.exceptions.ProtocolError):
                 self.h2.reset_stream(stream.id, code)
             self._flush()
+
+    def cancel(self, stream: H2Stream) -> None:
+        """Reset the stream (CANCEL) and fail, at once, whatever waits to read from or send on it."""
+        if stream.reset_code is None:
+            self.reset(stream, ErrorCodes.CANCEL)
+            stream._fail(ErrorCodes.CANCEL)
+            self._wake_senders()
 
     def forget(self, stream: H2Stream) -> None:
         """The exchange is over for us: return the window of unread data, and close a drained connection."""

@@ -86,12 +86,21 @@ class Http2Exchange:
         self.response_started = False
         self.response_ended = False
         self.aborted = False
+        self._held: Headers | None = None  # a response head not given to h2 yet (see `start_response`)
+        # `expect` is not forwarded: the 100 is ours to send, once the upstream is connected and the body is
+        # asked for (as h1_server does for HTTP/1.1).
+        expect = first(stream.headers, b"expect")
+        self._continue = self.head.has_body and expect is not None and expect.lower() == b"100-continue"
 
     @property
     def request_trailers(self) -> Headers | None:
         return self.stream.trailers
 
     async def read_body(self) -> bytes | None:
+        if self._continue:
+            self._continue = False
+            if not self.response_started:
+                self._call(self.driver.send_headers, self.stream, [(b":status", b"100")])
         try:
             return await self.stream.read()
         except StreamGone as exc:
@@ -99,17 +108,28 @@ class Http2Exchange:
 
     async def start_response(self, head: ResponseHead, hold: bool = False) -> None:
         headers = [(b":status", str(head.status).encode()), *end_to_end(head.headers)]
-        # Held: the HEADERS frame goes out with the first DATA (or at `flush`).
-        self._call(self.driver.send_headers, self.stream, headers, flush=not hold)
+        if hold:
+            # Held back: the HEADERS frame goes out with the first DATA, at `flush`, or, for a response that
+            # ends with its head (gRPC's trailers-only answer), carrying END_STREAM itself.
+            self._held = headers
+        else:
+            self._call(self.driver.send_headers, self.stream, headers)
         self.response_started = True
 
+    def _send_held(self, *, end_stream: bool = False) -> None:
+        if self._held is not None:
+            headers, self._held = self._held, None
+            self._call(self.driver.send_headers, self.stream, headers, end_stream=end_stream, flush=False)
+
     async def send_body(self, data: bytes, hold: bool = False) -> None:
+        self._send_held()
         try:
             await self.driver.send_data(self.stream, data)
         except StreamGone as exc:
             raise DownstreamGone(f"client stream ended: {exc}") from exc
 
     async def flush(self) -> None:
+        self._send_held()
         self.driver.flush()
         try:
             await self.driver.drain()
@@ -118,7 +138,11 @@ class Http2Exchange:
 
     async def end_response(self, trailers: Headers | None = None) -> None:
         if trailers:
+            self._send_held()
             self._call(self.driver.send_headers, self.stream, end_to_end(trailers), end_stream=True)
+        elif self._held is not None:
+            self._send_held(end_stream=True)  # no body, no trailers: one HEADERS frame with END_STREAM
+            self.driver.flush()
         else:
             self._call(self.driver.end_stream, self.stream)
         self.response_ended = True
@@ -133,7 +157,18 @@ class Http2Exchange:
         await self.send_body(body)
         await self.end_response()
 
+    @property
+    def gone(self) -> bool:
+        return self.stream.reset_code is not None
+
+    def watch_gone(self, callback: Callable[[], None] | None) -> None:
+        self.stream.on_reset = callback
+        if callback is not None and self.gone:
+            self.stream.on_reset = None
+            callback()
+
     def abort(self) -> None:
+        self._held = None
         if not self.aborted:
             self.aborted = True
             self.driver.reset(self.stream, ErrorCodes.CANCEL if self.response_started else ErrorCodes.INTERNAL_ERROR)

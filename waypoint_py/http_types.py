@@ -6,6 +6,7 @@ wire), and values stay bytes: the proxy forwards what it got without re-encoding
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -92,6 +93,8 @@ class Downstream(Protocol):
     head: RequestHead
     protocol: str  # "HTTP/1.1" or "HTTP/2"
     response_started: bool
+    response_ended: bool  # the whole response was handed to the connection
+    aborted: bool  # the response will not be completed (see `abort`)
 
     async def read_body(self) -> bytes | None:
         """The next chunk of the request body; None once it has ended. Raises DownstreamGone."""
@@ -115,6 +118,14 @@ class Downstream(Protocol):
 
     def abort(self) -> None:
         """The response cannot be completed: reset the stream (HTTP/2) or drop the connection (HTTP/1.1)."""
+
+    @property
+    def gone(self) -> bool:
+        """The client gave up: it closed its connection (HTTP/1.1) or reset its stream (HTTP/2)."""
+
+    def watch_gone(self, callback: Callable[[], None] | None) -> None:
+        """Call `callback` once if the client gives up while it is set (at once if it already has); None stops
+        watching."""
 
 
 class Upstream(Protocol):
@@ -141,3 +152,7 @@ class Upstream(Protocol):
     @property
     def nothing_received(self) -> bool:
         """No answer came back at all in this exchange."""
+
+    def abort(self) -> None:
+        """Cancel the exchange: reset the stream, or close a connection that carries one request at a time, so
+        that it is never reused; whatever waits for the upstream ends at once with UpstreamReset."""

@@ -23,7 +23,7 @@ class RouteTarget:
 
 
 class NoRoute(LookupError):
-    """A route claims the request's host but no rule matches it (404), or its backend is unusable."""
+    """A route claims the request's host but no rule matches it (404), or its backend is unusable (500)."""
 
     def __init__(self, message: str, status: int = 404) -> None:
         super().__init__(message)
@@ -50,8 +50,9 @@ def decide(view: WaypointView, original: OriginalDestination, head: RequestHead,
                     raise NoRoute(f"route {route.namespace}/{route.name}: every backend has weight 0", 500)
                 service = view.service_named(backend.namespace, backend.name)
                 if service is None:
+                    # An invalid backend: Gateway API (and Istio) answer 500 for the requests it would get.
                     raise NoRoute(f"route {route.namespace}/{route.name}: backend service "
-                                  f"{backend.namespace}/{backend.name} is not in the mesh state", 503)  # fmt: skip
+                                  f"{backend.namespace}/{backend.name} is not in the mesh state", 500)  # fmt: skip
                 return RouteTarget(service, backend.port, rule, f"{route.namespace}/{route.name}")
     if claimed_by:
         raise NoRoute(f"no rule of route {', '.join(claimed_by)} matches {head.method} {head.path}")

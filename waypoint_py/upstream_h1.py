@@ -14,7 +14,7 @@ import asyncio
 
 import h11
 
-from waypoint_py.errors import UpstreamProtocolError, UpstreamReset
+from waypoint_py.errors import UpstreamClosed, UpstreamProtocolError, UpstreamReset
 from waypoint_py.h1_heads import MAX_HEAD_BYTES, scan
 from waypoint_py.http_types import Headers, RequestHead, ResponseHead, end_to_end, first
 from waypoint_py.streams import READ_SIZE, write_parts
@@ -55,6 +55,13 @@ class Http1Upstream:
             return False
         trailing, closed = conn.trailing_data
         return not trailing and not closed
+
+    def abort(self) -> None:
+        """Give up on the exchange (its client went away): the stream closes, never to be reused, and whatever
+        waits for the upstream ends at once."""
+        self._keep = False
+        self.reader.set_exception(ConnectionAbortedError("the request was cancelled"))
+        self.writer.close()
 
     def next_cycle(self) -> None:
         self.conn.start_next_cycle()
@@ -100,12 +107,12 @@ class Http1Upstream:
     async def _write(self, parts: list[bytes]) -> None:
         writer = self.writer
         if writer.is_closing():
-            raise UpstreamReset("upstream stream is closed")
+            raise UpstreamClosed("upstream stream is closed")
         try:
             write_parts(writer, parts)
             await writer.drain()
         except (ConnectionError, OSError) as exc:
-            raise UpstreamReset(f"upstream stream lost: {exc}") from exc
+            raise UpstreamClosed(f"upstream stream lost: {exc}") from exc
 
     # -- the response ------------------------------------------------------------------------------------
     async def response_head(self) -> ResponseHead:
@@ -115,7 +122,7 @@ class Http1Upstream:
             if kind is h11.Response:
                 break
             if kind is not h11.InformationalResponse:
-                raise UpstreamReset(f"upstream closed the connection before the response ({kind.__name__})")
+                raise UpstreamClosed(f"upstream closed the connection before the response ({kind.__name__})")
             # 100 Continue and friends: we already answered the client's Expect ourselves.
         headers: Headers = list(event.headers)  # type: ignore[union-attr]
         lines, length, encoding, _ = scan(headers)
@@ -150,7 +157,7 @@ class Http1Upstream:
             trailers = event.headers  # type: ignore[union-attr]
             self._trailers = list(trailers) if trailers else None
             return None
-        raise UpstreamReset("upstream closed the connection in the middle of the response body")
+        raise UpstreamClosed("upstream closed the connection in the middle of the response body")
 
     async def _next_event(self) -> h11.Event:
         conn = self.conn
@@ -170,13 +177,13 @@ class Http1Upstream:
                     event, peeked = peeked, None
             except h11.RemoteProtocolError as exc:
                 if self._eof:
-                    raise UpstreamReset(f"upstream closed the connection in the middle of a message ({exc})") from exc
+                    raise UpstreamClosed(f"upstream closed the connection in the middle of a message ({exc})") from exc
                 raise UpstreamProtocolError(f"upstream sent malformed HTTP/1.1: {exc}") from exc
             if event is _NEED_DATA:
                 try:
                     data = await self.reader.read(READ_SIZE)
                 except (ConnectionError, OSError) as exc:
-                    raise UpstreamReset(f"upstream stream lost: {exc}") from exc
+                    raise UpstreamClosed(f"upstream stream lost: {exc}") from exc
                 if data:
                     self._received += len(data)
                 else:

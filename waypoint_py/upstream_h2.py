@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from h2.errors import ErrorCodes
 
-from waypoint_py.errors import UpstreamProtocolError, UpstreamReset
+from waypoint_py.errors import UpstreamClosed, UpstreamProtocolError, UpstreamReset
 from waypoint_py.h2_driver import H2Driver, H2Stream, StreamGone
 from waypoint_py.http_types import Headers, RequestHead, ResponseHead, end_to_end
 
@@ -37,14 +37,14 @@ class Http2Upstream:
             self.stream = self.driver.open_stream(headers, end_stream=not head.has_body)
             await self.driver.drain()
         except StreamGone as exc:
-            raise UpstreamReset(str(exc)) from exc
+            raise self._failure(str(exc)) from exc
 
     async def send_body(self, data: bytes) -> None:
         assert self.stream is not None
         try:
             await self.driver.send_data(self.stream, data)
         except StreamGone as exc:
-            raise UpstreamReset(str(exc)) from exc
+            raise self._failure(str(exc)) from exc
 
     async def end_body(self, trailers: Headers | None) -> None:
         stream = self.stream
@@ -57,14 +57,14 @@ class Http2Upstream:
             else:
                 self.driver.end_stream(stream)
         except StreamGone as exc:
-            raise UpstreamReset(str(exc)) from exc
+            raise self._failure(str(exc)) from exc
 
     async def response_head(self) -> ResponseHead:
         assert self.stream is not None
         try:
             headers = await self.stream.response
         except StreamGone as exc:
-            raise UpstreamReset(f"upstream HTTP/2 stream ended before the response: {exc}") from exc
+            raise self._failure(f"upstream HTTP/2 stream ended before the response: {exc}") from exc
         status = next((v for k, v in headers if k == b":status"), None)
         if status is None or not status.isdigit():
             raise UpstreamProtocolError("upstream HTTP/2 response has no valid :status")
@@ -80,7 +80,17 @@ class Http2Upstream:
         try:
             return await self.stream.read()
         except StreamGone as exc:
-            raise UpstreamReset(f"upstream HTTP/2 stream ended in the middle of the response: {exc}") from exc
+            raise self._failure(f"upstream HTTP/2 stream ended in the middle of the response: {exc}") from exc
+
+    def _failure(self, message: str) -> UpstreamReset:
+        # The whole connection ended (Envoy's "connection termination", UC), or only this stream was reset (UR).
+        return (UpstreamClosed if self.driver.closed else UpstreamReset)(message)
+
+    def abort(self) -> None:
+        """Give up on the exchange (its client went away): the stream is reset (CANCEL) and whatever waits on
+        it ends at once; the connection carries on with its other streams."""
+        if self.stream is not None:
+            self.driver.cancel(self.stream)
 
     def finish(self) -> None:
         """The exchange is over for us: a stream still open either way is reset (CANCEL); the connection

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h11
 
@@ -21,9 +22,9 @@ from tests.support.pki import TestPki
 
 
 async def open_tunnel(pki: TestPki, client: Identity, waypoint: tuple[str, int], waypoint_identity: Identity,
-                      authority: str, headers: list[tuple[str, str]] | None = None
+                      authority: str, headers: list[tuple[str, str]] | None = None, source_ip: str | None = None
                       ) -> tuple[HboneConnection, Tunnel]:  # fmt: skip
-    conn = await dial(waypoint, pki.client_ctx(client), {waypoint_identity}, local_identity=client)
+    conn = await dial(waypoint, pki.client_ctx(client), {waypoint_identity}, local_identity=client, source_ip=source_ip)
     tunnel = await conn.open_stream(authority, headers or [])
     return conn, tunnel
 
@@ -147,3 +148,58 @@ async def grpc_calls(tunnel: Tunnel, authority: str, path: str, messages: list[b
     for sid in order:
         results[sid].data = bytes(data[sid])
     return [results[sid] for sid in order]
+
+
+_STREAM_EVENTS = (h2.events.InformationalResponseReceived, h2.events.ResponseReceived, h2.events.DataReceived,
+                  h2.events.TrailersReceived, h2.events.StreamEnded, h2.events.StreamReset)  # fmt: skip
+
+
+class H2Client:
+    """HTTP/2 with prior knowledge over one tunnel, frame events one at a time: for tests that look at how an
+    answer is framed (END_STREAM on HEADERS, a 100 Continue) or that give up on a stream (RST_STREAM)."""
+
+    def __init__(self, tunnel: Tunnel) -> None:
+        self.reader, self.writer = stream_pair(tunnel)
+        config = h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+        self.conn = h2.connection.H2Connection(config)
+        self.conn.initiate_connection()
+        self.writer.write(self.conn.data_to_send())
+        self._events: list[h2.events.Event] = []
+
+    def request(self, authority: str, path: str, headers: list[tuple[str, str]] | None = None,
+                body: bytes | None = None) -> int:  # fmt: skip
+        """A POST; its body (if any) ends the stream, without one the stream stays open. The stream id."""
+        sid = self.conn.get_next_available_stream_id()
+        self.conn.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":authority", authority),
+                                     (":path", path), *(headers or [])])  # fmt: skip
+        if body is not None:
+            self.conn.send_data(sid, body, end_stream=True)
+        self.writer.write(self.conn.data_to_send())
+        return sid
+
+    def send_body(self, sid: int, body: bytes) -> None:
+        self.conn.send_data(sid, body, end_stream=True)
+        self.writer.write(self.conn.data_to_send())
+
+    def reset(self, sid: int) -> None:
+        """Give up on the stream, as a gRPC client past its deadline does."""
+        self.conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+        self.writer.write(self.conn.data_to_send())
+
+    async def next_event(self, sid: int) -> h2.events.Event:
+        """The next event of stream `sid`: a response (informational or final), data, trailers, its end or reset."""
+        while True:
+            for i, event in enumerate(self._events):
+                if getattr(event, "stream_id", None) == sid:
+                    return self._events.pop(i)
+            data = await self.reader.read(1 << 16)
+            assert data, "the waypoint closed the HTTP/2 connection"
+            for event in self.conn.receive_data(data):
+                if isinstance(event, h2.events.DataReceived):
+                    self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                if isinstance(event, _STREAM_EVENTS):
+                    self._events.append(event)
+            self.writer.write(self.conn.data_to_send())
+
+    def close(self) -> None:
+        self.writer.close()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import h2.config
@@ -270,6 +270,34 @@ class GrpcApp:
             return
         finally:
             writer.close()
+
+
+class H2App:
+    """An HTTP/2 (prior knowledge) application, as a connection handler, that answers each complete request
+    with `answer(conn, stream_id)` (frames sent with h2's connection; None: never answers). It records the
+    headers of the requests it got and the error codes of the RST_STREAMs it was sent."""
+
+    def __init__(self, answer: Callable[[h2.connection.H2Connection, int], None] | None = None) -> None:
+        self.answer = answer
+        self.requests: list[dict[str, str]] = []
+        self.resets: list[int] = []
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+        conn.initiate_connection()
+        writer.write(conn.data_to_send())
+        while data := await reader.read(1 << 16):
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.RequestReceived):
+                    self.requests.append(dict(event.headers))  # type: ignore[arg-type]
+                elif isinstance(event, h2.events.DataReceived):
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded) and self.answer is not None:
+                    self.answer(conn, event.stream_id)
+                elif isinstance(event, h2.events.StreamReset):
+                    self.resets.append(event.error_code)
+            writer.write(conn.data_to_send())
+            await writer.drain()
 
 
 # -- in-memory streams for the waypoint's HTTP/1.1 sides without processes ------------------------------------

@@ -4,7 +4,10 @@ apps), plus a remote network reached through a stand-in east-west gateway (doubl
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import yaml
 
 from hbone.identity import Identity
 from tests.support.pki import TestPki
-from tests.support.standins import GrpcApp, HttpApp, StandInHbone
+from tests.support.standins import GrpcApp, HttpApp, Live, StandInHbone
 from tests.support.waypoint_proc import WaypointProcess, free_port
 
 NETWORK = "net1"
@@ -23,7 +26,8 @@ HBONE_PORT = 15008
 WAYPOINT_HOST = "waypoint.default.svc.cluster.local"
 
 # service name → last octet of its VIP
-VIPS = {"echo": 100, "echo-v2": 101, "flaky": 102, "slow": 103, "grpc": 104, "strict": 105, "down": 106, "remote": 107}
+VIPS = {"echo": 100, "echo-v2": 101, "flaky": 102, "slow": 103, "grpc": 104, "strict": 105, "down": 106, "remote": 107,
+        "custom": 108}
 # endpoint workload name → (last octet of its IP, service, service account)
 ENDPOINTS = {
     "echo-1": (11, "echo", "echo"),
@@ -34,7 +38,9 @@ ENDPOINTS = {
     "slow": (41, "slow", "slow"),
     "grpc": (51, "grpc", "grpc"),
     "down": (61, "down", "down"),  # nothing listens there
+    "custom": (71, "custom", "custom"),  # what a test puts there (`custom_upstream`)
 }
+NOT_STARTED = ("down", "custom")  # by `Endpoints`
 # Not the `random` module: a test that seeds it must not make two runs pick the same addresses.
 _RNG = random.SystemRandom()
 WAYPOINT_IP, CLIENT_IP, GATEWAY_IP, REMOTE_ZTUNNEL_IP, REMOTE_APP_IP = 2, 3, 200, 201, 202
@@ -184,7 +190,7 @@ class Endpoints:
     async def start(self) -> Endpoints:
         t = self.topo
         for name, (last, service, sa) in ENDPOINTS.items():
-            if name == "down":
+            if name in NOT_STARTED:
                 continue
             bag = baggage_of(f"{name}-bg") if self.response_baggage else None
             self.ztunnels[name] = await StandInHbone(self.pki, ident(sa), response_baggage=bag).start(
@@ -216,3 +222,29 @@ class Endpoints:
         for s in (self.gateway, self.remote):
             if s is not None:
                 await s.close()
+
+
+AppHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[object, object, None]]
+
+
+@contextlib.asynccontextmanager
+async def custom_upstream(topo: Topology, pki: TestPki, app: AppHandler) -> AsyncIterator[None]:
+    """The `custom` service's endpoint for the time of a test: a stand-in ztunnel at podIP:15008 in front of
+    `app`, a raw TCP handler on podIP:8080 (HTTP/1.1 or HTTP/2, as the client speaks to the waypoint), so that
+    a test can make the upstream misbehave. Its connections are closed at the end, whatever `app` does."""
+    last = ENDPOINTS["custom"][0]
+    live = Live()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with live.track(writer), contextlib.suppress(ConnectionError):
+            await app(reader, writer)
+        writer.close()
+
+    ztunnel = await StandInHbone(pki, ident("custom")).start(topo.ip(last), HBONE_PORT)
+    server = await asyncio.start_server(serve, topo.ip(last), APP_PORT, reuse_address=True)
+    try:
+        yield
+    finally:
+        server.close()
+        await live.close()
+        await ztunnel.close()
