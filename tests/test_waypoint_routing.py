@@ -154,7 +154,7 @@ def test_endpoint_choice_matches_the_router() -> None:
     service = state.service_by_hostname("s.default.svc.cluster.local")
     assert service is not None
     target = RouteTarget(service, 80)
-    chooser = EndpointChooser("n1", view.workload.identity, random.Random(1))  # type: ignore[union-attr]
+    chooser = EndpointChooser("n1", random.Random(1))
     router = Router(state, "n1", random.Random(1))
     ours = Counter(chooser.pick(view, target).address for _ in range(4000))
     draws = (router.route_service(view.workload, service, 80, from_waypoint=True) for _ in range(4000))
@@ -203,7 +203,7 @@ def test_a_service_behind_another_waypoint_is_reached_at_its_endpoints() -> None
     that service's own waypoint (neither for a route backend nor for the original destination)."""
     state = MeshState(parse_config(CHAIN_CONFIG, "test.yaml"))
     view = build_view(state, WorkloadInfo("default", "waypoint", "waypoint"), "n1", "")
-    chooser = EndpointChooser("n1", view.workload.identity, random.Random(1))  # type: ignore[union-attr]
+    chooser = EndpointChooser("n1", random.Random(1))
     backend = decide(view, resolve(state, "n1", parse_authority("10.1.0.1:80")), head(host="a"))
     original = decide(view, resolve(state, "n1", parse_authority("10.1.0.3:80")), head(host="c"))
     for target, (ip, port) in ((backend, ("10.0.0.12", 8081)), (original, ("10.0.0.13", 8082))):

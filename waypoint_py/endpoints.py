@@ -15,7 +15,6 @@ import random
 from dataclasses import dataclass
 from itertools import accumulate
 
-from hbone.identity import Identity
 from mesh.loadbalance import eligible
 from mesh.model import Service
 from mesh.routing import Hop, Router, RoutingError
@@ -34,9 +33,8 @@ _ASK_ROUTER = object()
 
 
 class EndpointChooser:
-    def __init__(self, network: str, identity: Identity, rng: random.Random | None = None) -> None:
+    def __init__(self, network: str, rng: random.Random | None = None) -> None:
         self.network = network
-        self.identity = identity
         self.rng = rng or random.Random()
         self._state: MeshState | None = None
         self._choices: dict[tuple[str, int], object] = {}

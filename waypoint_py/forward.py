@@ -64,7 +64,7 @@ def _may_resend(head: RequestHead, body: RetainedBody) -> bool:
 class Forwarder:
     def __init__(self, waypoint: Waypoint) -> None:
         self.wp = waypoint
-        self.chooser = EndpointChooser(waypoint.network, waypoint.identity)
+        self.chooser = EndpointChooser(waypoint.network)
 
     def report_bad_request(self, conn: Downstreamer, protocol: str, status: int, why: str) -> None:
         now = time.monotonic()
