@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/setup-system.sh
-	scripts/setup-system.sh
+	PYTHON=$(PYTHON) scripts/setup-system.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
@@ -26,7 +26,7 @@ lint: setup
 	$(PY) -m ruff check .
 
 bench: setup
-	scripts/setup-system.sh stunnel4 wrk nghttp2-client
+	PYTHON=$(PYTHON) scripts/setup-system.sh stunnel4 wrk nghttp2-client
 	$(PY) -m bench $(BENCH_ARGS)
 
 clean:

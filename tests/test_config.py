@@ -465,3 +465,13 @@ def test_quoted_port_keys_are_ports() -> None:
     # JSON (and some YAML writers) can only write map keys as strings.
     (service,) = parse_config(svc("ports: {'80': 8080}"), "s.yaml").services
     assert dict(service.ports) == {80: 8080}
+
+
+def test_the_readme_example_loads() -> None:
+    # What users copy first must be what the loader accepts.
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### The mesh config (`LOCAL_XDS_PATH`)"):]
+    example = section[section.index("```yaml\n") + len("```yaml\n"):section.index("\n```", section.index("```yaml"))]
+    cfg = parse_config(example, "README.md")
+    assert [w.name for w in cfg.workloads] == ["ratings-v1-0", "ratings-remote"]
+    assert cfg.routes and cfg.policies
