@@ -17,10 +17,6 @@ log = logging.getLogger("ewgateway")
 
 
 async def run(settings: Settings, drain: asyncio.Event) -> None:
-    # At debug level the HPACK codec logs every decoded header: peer-supplied values (baggage, authorities)
-    # at a rate of several lines per stream. Our own debug lines say what matters.
-    for noisy in ("hpack", "h2"):
-        logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
     ctx = DaemonContext(COMPONENT, settings, drain)
     identity = ctx.proxy_identity()
     if identity is None:  # the setting is required; this only guards a caller that built Settings by hand

@@ -164,6 +164,29 @@ class HboneServer:
             await asyncio.gather(*(c.shutdown(deadline) for c in conns), return_exceptions=True)
 
 
+ACCEPT_RETRY = 0.1  # seconds between accept attempts after a failure, e.g. out of file descriptors
+ACCEPT_WARNING_INTERVAL = 10.0  # at most one "accept failed" warning this often while the failure lasts
+
+
+class Throttle:
+    """Says when to log a failure that repeats at a high rate (accept retries ten times a second while out of
+    file descriptors): the first at once, then at most one per `interval` with how many were held back.
+    Time is an argument, so the rule is tested without waiting."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._last: float | None = None
+        self._held = 0
+
+    def hit(self, now: float) -> int | None:
+        """None: stay quiet this time. Otherwise log now; the number is how many were held back before it."""
+        if self._last is not None and now - self._last < self.interval:
+            self._held += 1
+            return None
+        held, self._held, self._last = self._held, 0, now
+        return held
+
+
 class Listener:
     """One listening socket and its accept loop (the `asyncio.Server` part we need: close, sockets)."""
 
@@ -183,6 +206,7 @@ class Listener:
         self.sockets = [sock]
         self.closed = False
         self._server = server
+        self._accept_warnings = Throttle(ACCEPT_WARNING_INTERVAL)
         self._task = asyncio.get_running_loop().create_task(self._accept_loop())
 
     async def _accept_loop(self) -> None:
@@ -195,8 +219,11 @@ class Listener:
             except OSError as exc:
                 if self.closed:
                     return
-                log.warning("%s: accept failed: %s", self._server.name, exc)
-                await asyncio.sleep(0.1)  # e.g. out of file descriptors: do not spin
+                held = self._accept_warnings.hit(loop.time())
+                if held is not None:
+                    more = f" ({held} more failures since the last warning)" if held else ""
+                    log.warning("%s: accept failed: %s%s", self._server.name, exc, more)
+                await asyncio.sleep(ACCEPT_RETRY)  # e.g. out of file descriptors: do not spin
                 continue
             conn.setblocking(False)
             self._server._accepted(conn)

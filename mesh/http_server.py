@@ -25,6 +25,7 @@ import h11
 from prometheus_client import CollectorRegistry
 
 from mesh.metrics import render
+from mesh.runner import LOG_LEVELS, set_log_level
 
 log = logging.getLogger("mesh.http")
 
@@ -111,6 +112,7 @@ class _Connection:
         # h11's own bound covers the request line and headers; the body is bounded below.
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
         self.peer = _peer_name(writer)
+        self.head = False  # the request being answered is a HEAD: its response has no body
 
     async def run(self) -> None:
         try:
@@ -137,6 +139,9 @@ class _Connection:
             log.info("%s %s: bad request (%s), closing connection", self.name, self.peer, e)
             status = 413 if e.error_status_hint == 431 else e.error_status_hint
             await self._send_error(status, "bad request")
+        except h11.LocalProtocolError as e:
+            # Our answer broke HTTP/1.1's rules: that connection cannot go on, every other one can.
+            log.warning("%s %s: cannot send the response (%s), closing connection", self.name, self.peer, e)
         except (ConnectionError, TimeoutError):
             pass  # the peer went away mid-response; nothing to tell anyone
         finally:
@@ -154,11 +159,13 @@ class _Connection:
             self.conn.receive_data(data)  # b"" tells h11 the peer closed
 
     async def _read_request(self) -> Request | None:
+        self.head = False
         event = await self._next_event()
         if isinstance(event, h11.ConnectionClosed):
             return None
         if not isinstance(event, h11.Request):
             raise h11.RemoteProtocolError(f"unexpected {type(event).__name__}", error_status_hint=400)
+        self.head = event.method == b"HEAD"  # exactly as h11 tells (methods are case-sensitive)
         headers: dict[str, str] = {}
         head_size = len(event.method) + len(event.target) + 12
         for name, value in event.headers:
@@ -200,8 +207,10 @@ class _Connection:
         if methods is None:
             return Response.text(404, f"no such path: {request.path}\n")
         handler = methods.get(request.method)
+        if handler is None and request.method == "HEAD":
+            handler = methods.get("GET")  # HEAD is GET without the body (RFC 9110 §9.3.2); _send leaves it out
         if handler is None:
-            allow = ", ".join(sorted(methods))
+            allow = ", ".join(sorted({*methods, "HEAD"} if "GET" in methods else methods))
             resp = Response.text(405, f"method {request.method} not allowed on {request.path}; use {allow}\n")
             resp.headers.append(("allow", allow))
             return resp
@@ -224,7 +233,7 @@ class _Connection:
             headers.append(("connection", "close"))
         reason = _REASONS.get(response.status, b"")
         out = self.conn.send(h11.Response(status_code=response.status, headers=headers, reason=reason))
-        if response.body:
+        if response.body and not self.head:
             out += self.conn.send(h11.Data(data=response.body))
         out += self.conn.send(h11.EndOfMessage())
         await self._write(out)
@@ -305,10 +314,6 @@ def readiness_routes(readiness: Readiness) -> dict[str, dict[str, Handler]]:
     return {"/healthz/ready": {"GET": ready}}
 
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "warn": logging.WARNING,
-           "error": logging.ERROR}  # fmt: skip
-
-
 def admin_routes(
     config_dump: Callable[[], dict[str, Any]], quit: Callable[[], None]
 ) -> dict[str, dict[str, Handler]]:
@@ -337,9 +342,9 @@ def admin_routes(
             return show_level()
         name = level.strip().lower()
         if name == "reset":
-            root.setLevel(startup_level)
-        elif name in _LEVELS:
-            root.setLevel(_LEVELS[name])
+            set_log_level(startup_level)
+        elif name in LOG_LEVELS:
+            set_log_level(LOG_LEVELS[name])
         else:
             usage = "use debug, info, warning, error or reset"
             return Response.text(400, f"unknown log level {level!r}: {usage}\n")

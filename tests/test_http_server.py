@@ -66,10 +66,11 @@ async def raw_exchange(port: int, data: bytes) -> bytes:
 
 @pytest.fixture
 def root_level() -> Iterator[None]:
-    root = logging.getLogger()
-    level = root.level
+    loggers = [logging.getLogger(name) for name in ("", "hpack", "h2")]
+    levels = [logger.level for logger in loggers]
     yield
-    root.setLevel(level)
+    for logger, level in zip(loggers, levels, strict=True):
+        logger.setLevel(level)
 
 
 async def test_readiness(servers: list[asyncio.Server]) -> None:
@@ -87,7 +88,7 @@ async def test_readiness(servers: list[asyncio.Server]) -> None:
     assert readiness.is_ready
 
     status, _, headers = await fetch(port, "/healthz/ready", method="POST", body=b"")
-    assert status == 405 and headers["allow"] == "GET"
+    assert status == 405 and headers["allow"] == "GET, HEAD"
     assert (await fetch(port, "/healthz/live"))[0] == 404
     assert (await fetch(port, "/"))[0] == 404
 
@@ -113,9 +114,13 @@ async def test_admin_config_dump_quit_and_logging(servers: list[asyncio.Server],
     assert (await fetch(port, "/logging?level=debug", method="POST", body=b""))[:2] == (
         200, "current log level is debug\n")
     assert root.level == logging.DEBUG
+    # The HTTP/2 libraries never log at debug: hpack would write every decoded header, secrets included.
+    assert not any(logging.getLogger(name).isEnabledFor(logging.DEBUG) for name in ("hpack", "h2"))
     status, body, _ = await fetch(port, "/logging?level=loud", method="POST", body=b"")
     assert status == 400 and "loud" in body
     assert root.level == logging.DEBUG
+    await fetch(port, "/logging?level=error", method="POST", body=b"")
+    assert not logging.getLogger("hpack").isEnabledFor(logging.WARNING)  # and they follow a stricter level
     await fetch(port, "/logging?level=reset", method="POST", body=b"")
     assert root.level == logging.INFO
     assert (await fetch(port, "/logging", method="DELETE"))[0] == 405
@@ -230,3 +235,48 @@ async def test_stalled_request_is_dropped(servers: list[asyncio.Server]) -> None
     writer.write(b"GET /healthz/ready HTTP/1.1\r\nHo")
     assert await asyncio.wait_for(reader.read(-1), 2) == b""
     writer.close()
+
+
+async def test_head_gets_the_headers_without_the_body(
+    servers: list[asyncio.Server], caplog: pytest.LogCaptureFixture
+) -> None:
+    server, port = await start({**readiness_routes(Readiness()), "/quitquitquit": {"POST": lambda _: Response(200)}})
+    servers.append(server)
+    caplog.set_level(logging.INFO)
+
+    def head_then_get() -> list[tuple[int, str | None, bytes]]:
+        # One keep-alive connection: after the HEAD the next request must still be read and answered.
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        results = []
+        for method in ("HEAD", "GET", "HEAD"):
+            conn.request(method, "/healthz/ready")
+            resp = conn.getresponse()
+            results.append((resp.status, resp.getheader("content-length"), resp.read()))
+        conn.close()
+        return results
+
+    assert await asyncio.to_thread(head_then_get) == [(200, "6", b""), (200, "6", b"ready\n"), (200, "6", b"")]
+    # On the wire: the HEAD's answer is the head alone, so the GET's answer follows it at once.
+    answer = await raw_exchange(port, b"HEAD /healthz/ready HTTP/1.1\r\nHost: x\r\n\r\n"
+                                      b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head, rest = answer.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200 ") and b"content-length: 6" in head
+    assert rest.startswith(b"HTTP/1.1 200 ") and rest.endswith(b"\r\n\r\nready\n")
+    # Where GET is not served, neither is HEAD; error answers to a HEAD have no body either.
+    status, body, headers = await fetch(port, "/quitquitquit", method="HEAD")
+    assert (status, body, headers["allow"]) == (405, "", "POST")
+    assert (await fetch(port, "/nope", method="HEAD"))[:2] == (404, "")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+async def test_a_response_h11_refuses_closes_only_that_connection(
+    servers: list[asyncio.Server], caplog: pytest.LogCaptureFixture
+) -> None:
+    bad = Response(200, b"x", headers=[("x-broken", "line\r\nbreak")])  # h11 will not send this header
+    server, port = await start({"/bad": {"GET": lambda _: bad}, **readiness_routes(Readiness())})
+    servers.append(server)
+    caplog.set_level(logging.INFO, logger="mesh.http")
+    assert await raw_exchange(port, b"GET /bad HTTP/1.1\r\nHost: x\r\n\r\n") == b""
+    lines = [r.getMessage() for r in caplog.records if r.name == "mesh.http"]
+    assert len(lines) == 1 and "cannot send the response" in lines[0], lines
+    assert (await fetch(port, "/healthz/ready"))[:2] == (200, "ready\n")

@@ -53,9 +53,9 @@ def test_bad_requests() -> None:
     assert reply(0) == struct.pack("!BBBB4sH", 5, 0, 0, 1, bytes(4), 0)
 
 
-async def serve(on_request) -> tuple[asyncio.AbstractServer, int]:  # type: ignore[no-untyped-def]
+async def serve(on_request, handshake_timeout: float = 10.0) -> tuple[asyncio.AbstractServer, int]:  # type: ignore
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: Socks5Protocol(on_request), "127.0.0.1", 0)
+    server = await loop.create_server(lambda: Socks5Protocol(on_request, handshake_timeout), "127.0.0.1", 0)
     return server, server.sockets[0].getsockname()[1]
 
 
@@ -91,5 +91,30 @@ async def test_protocol_refuses_what_it_does_not_speak() -> None:
     assert await reader.readexactly(2) == b"\x05\x00"
     assert (await reader.readexactly(10))[1] == COMMAND_NOT_SUPPORTED
     assert await reader.read() == b""
+    writer.close()
+    server.close()
+
+
+async def test_negotiation_has_a_deadline() -> None:
+    # Clients that connect and stall anywhere before a whole request would hold a descriptor each for ever.
+    got: list[Socks5Request] = []
+    server, port = await serve(lambda _t, _p, request: got.append(request), handshake_timeout=0.2)
+    stalls = [b"", b"\x05", b"\x05\x01\x00", b"\x05\x01\x00\x05\x01\x00\x03\x04ech"]
+    clients = [await asyncio.open_connection("127.0.0.1", port) for _ in stalls]
+    for (_, writer), sent in zip(clients, stalls, strict=True):
+        writer.write(sent)
+    for (reader, writer), sent in zip(clients, stalls, strict=True):
+        answer = await asyncio.wait_for(reader.read(), 10)  # until the server closes
+        assert answer == (b"\x05\x00" if sent.startswith(b"\x05\x01\x00") else b""), sent
+        writer.close()
+    # A client that finishes in time is handed over.
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"\x05\x01\x00\x05\x01\x00\x03\x04echo\x00\x50")
+    assert await reader.readexactly(2) == b"\x05\x00"
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while not got and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+    assert got == [Socks5Request("echo", 80, True)]
     writer.close()
     server.close()

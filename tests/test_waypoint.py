@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import socket
+import struct
+import urllib.request
 from collections import Counter
 
 import pytest
@@ -15,7 +18,7 @@ from mesh.config import parse_config
 from mesh.metrics import HTTP_BUCKETS
 from mesh.settings import WorkloadInfo
 from mesh.state import MeshState
-from tests.support.http_clients import Http1Client, open_tunnel
+from tests.support.http_clients import H2Client, Http1Client, open_tunnel
 from tests.support.pki import TestPki
 from tests.support.waypoint_mesh import (
     CLIENT_ID,
@@ -29,7 +32,7 @@ from tests.support.waypoint_mesh import (
     custom_upstream,
     fqdn,
 )
-from tests.support.waypoint_proc import WaypointProcess, series, total
+from tests.support.waypoint_proc import WaypointProcess, eventually, series, total
 from waypoint_py.destination import resolve
 from waypoint_py.http_types import RequestHead
 from waypoint_py.routes import NoRoute, decide
@@ -275,3 +278,41 @@ async def test_config_dump_names_the_waypoint(waypoint: WaypointProcess) -> None
     dump = await asyncio.to_thread(lambda: json.load(urllib.request.urlopen(url, timeout=10)))
     assert dump["waypoint"]["identity"] == str(WAYPOINT_ID)
     assert dump["waypoint"]["workload"] == "cluster1//v1/Pod/default/waypoint"
+
+
+def set_log_level(wp: WaypointProcess, level: str) -> None:
+    url = f"http://{wp.admin[0]}:{wp.admin[1]}/logging?level={level}"
+    with urllib.request.urlopen(urllib.request.Request(url, data=b"", method="POST"), timeout=5) as resp:
+        assert resp.status == 200
+
+
+async def test_tunnels_that_vanish_are_no_error(pki: TestPki, topo: Topology, waypoint: WaypointProcess) -> None:
+    # A client that resets its tunnel, and an HTTP/2 upstream whose tunnel is reset (its application sent a TCP
+    # RST), are ordinary ends: a debug line each, never an error with a traceback.
+    async def reset_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)  # the waypoint's connection preface has begun
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close sends RST
+
+    start = len(waypoint.log())
+
+    def log() -> str:
+        return waypoint.log()[start:]
+
+    await asyncio.to_thread(set_log_level, waypoint, "debug")
+    try:
+        _, tunnel = await open_tunnel(pki, CLIENT_ID, waypoint.inbound, WAYPOINT_ID, topo.authority("echo"))
+        tunnel.reset()  # before a single byte
+        await eventually(lambda: f"CONNECT {topo.authority('echo')} from" in log()
+                         and "stream reset by peer" in log(), "the client's reset is seen")  # fmt: skip
+
+        async with custom_upstream(topo, pki, reset_at_once):
+            _, tunnel = await open_tunnel(pki, CLIENT_ID, waypoint.inbound, WAYPOINT_ID, topo.authority("custom"))
+            client = H2Client(tunnel)
+            sid = client.request("custom", "/", body=b"")
+            await asyncio.wait_for(client.next_event(sid), 10)  # whatever the answer: the upstream is gone
+            await eventually(lambda: "HTTP/2 connection to" in log(), "the lost upstream is seen")
+            client.close()
+    finally:
+        await asyncio.to_thread(set_log_level, waypoint, "reset")
+    assert "Traceback" not in log() and " error " not in log(), log()

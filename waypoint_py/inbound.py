@@ -9,6 +9,7 @@ import re
 from typing import TYPE_CHECKING
 
 from hbone.baggage import EMPTY, parse
+from hbone.errors import HboneError
 from hbone.identity import Identity
 from hbone.tunnel import Tunnel
 from mesh.metrics import PeerLabels
@@ -83,8 +84,9 @@ class Inbound:
             if self.draining:
                 session.drain()
             await session.run()
-        except (ConnectionError, OSError):
-            pass
+        except (ConnectionError, OSError, HboneError) as exc:
+            # The client went away: it closed or reset the tunnel, or lost the connection that carried it.
+            log.debug("CONNECT %s from %s ended: %s", tunnel.authority, where, exc or type(exc).__name__)
         except Exception:
             log.exception("session for CONNECT %s from %s failed", tunnel.authority, where)
         finally:

@@ -26,6 +26,7 @@ import time
 from collections.abc import Hashable
 from typing import Protocol, TypeVar
 
+from hbone.errors import HboneError
 from mesh.metrics import PeerLabels
 from mesh.routing import Hop, HopKind
 from mesh.state import MeshState
@@ -144,6 +145,10 @@ class H2Connection:
     async def _run(self) -> None:
         try:
             await self.driver.run()
+        except HboneError as exc:
+            # The tunnel to the endpoint was reset or lost: for this connection, the same as a lost socket (the
+            # driver has failed its streams already). Nobody awaits this task, so the error ends here.
+            log.debug("HTTP/2 connection to %s lost: %s", self.up.address, exc)
         finally:
             self.pool._h2_gone(self)
 

@@ -21,7 +21,11 @@ class CaptureProtocol(Buffered):
         super().connection_made(transport)
         sock = transport.get_extra_info("socket")
         peer = transport.get_extra_info("peername")
-        dst = original_destination(sock) if sock is not None else None
+        if peer is None or sock is None:
+            # uvloop has no address for a client that reset the connection at once: it is gone already.
+            transport.close()
+            return
+        dst = original_destination(sock)
         if dst is None:
             log.warning("connection from %s:%d on the capture port was not redirected; closing", peer[0], peer[1])
             transport.close()

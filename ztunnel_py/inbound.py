@@ -77,6 +77,13 @@ class Inbound:
             recorder.close("CONNECT")
             self._refuse(call, Refused(503, reason, "CONNECT"), started, counted=True)
             return
+        if tunnel.finished:
+            # The client reset the stream (or lost its connection) while we dialled: nobody is left to talk to
+            # the application, so let it go now rather than leave it waiting. The client ended it: no flag.
+            app.close()
+            recorder.close(NO_FLAGS)
+            self._log(call, None, NO_FLAGS, 0, 0, started, "the client went away while the application was dialled")
+            return
         headers = []
         if node.response_baggage:
             headers.append(("baggage", node.baggage_of(call.destination)))
@@ -195,7 +202,14 @@ class Inbound:
         )
 
     def _log(
-        self, call: InboundCall, status: int, flags: str, received: int, sent: int, started: float, error: str | None
+        self,
+        call: InboundCall,
+        status: int | None,  # None: the client went away before it was answered
+        flags: str,
+        received: int,
+        sent: int,
+        started: float,
+        error: str | None,
     ) -> None:
         access = self.node.ctx.access_log
         if not access.enabled:

@@ -29,11 +29,19 @@ class PlaintextProtocol(Buffered):
         self._node.track(task)
 
     async def _serve(self, transport: asyncio.Transport) -> None:
+        try:
+            await self._proxy(transport)
+        finally:
+            transport.close()  # on every path, even one we did not foresee: each connection holds a descriptor
+
+    async def _proxy(self, transport: asyncio.Transport) -> None:
         node = self._node
         started = time.monotonic()
         peer = transport.get_extra_info("peername")
         sock = transport.get_extra_info("socket")
-        dst = original_destination(sock) if sock is not None else None
+        if peer is None or sock is None:
+            return  # uvloop has no address for a client that reset the connection at once: it is gone already
+        dst = original_destination(sock)
         dest = node.local_workload(dst[0]) if dst else None
         if dst is None or dest is None or dst[1] in node.own_ports:
             log.warning(
@@ -42,7 +50,6 @@ class PlaintextProtocol(Buffered):
                 peer[1],
                 dst,
             )
-            transport.close()
             return
         source = node.state.workload_by_address(node.ctx.network, peer[0])
         labels = TrafficLabels(
@@ -55,7 +62,6 @@ class PlaintextProtocol(Buffered):
         if not decision.allowed:
             log.warning("plaintext inbound from %s to %s:%d denied: %s", peer[0], dst[0], dst[1], decision.reason)
             node.tcp.open(labels).close("DENY")
-            transport.close()
             return
         recorder = node.tcp.open(labels)
         loop = asyncio.get_running_loop()
@@ -64,7 +70,6 @@ class PlaintextProtocol(Buffered):
         except (OSError, TimeoutError) as exc:
             log.warning("plaintext inbound to %s:%d: connect failed: %s", dst[0], dst[1], exc)
             recorder.close("CONNECT")
-            transport.close()
             return
 
         transport.resume_reading()

@@ -105,12 +105,7 @@ class Outbound:
             log.warning("outbound %s -> %s failed: %s", source.name, _where(hop), reason)
             recorder.close(flag)
             node.access_log_outbound(source, hop, request, 0, 0, time.monotonic() - started, flag, reason)
-            code = (
-                SOCKS_NOT_ALLOWED
-                if flag == "DENY"
-                else (SOCKS_REFUSED if isinstance(exc, ConnectRefused) else SOCKS_HOST_UNREACHABLE)
-            )
-            outcome(code)
+            outcome(_socks_reply(flag, exc))
             transport.close()  # after the reply, so the client learns why
             return
         if provisional and isinstance(upstream, Tunnel):
@@ -201,6 +196,15 @@ class Outbound:
             response_flags=NO_FLAGS,
             connection_security_policy="mutual_tls" if mtls else "unknown",
         )
+
+
+def _socks_reply(flag: str, exc: Exception) -> int:
+    if flag == "DENY":
+        return SOCKS_NOT_ALLOWED
+    # Refused: the next hop answered the CONNECT with an error, or nothing listens at a plain TCP destination.
+    if isinstance(exc, ConnectRefused | ConnectionRefusedError):
+        return SOCKS_REFUSED
+    return SOCKS_HOST_UNREACHABLE
 
 
 def _is_ip(text: str) -> bool:

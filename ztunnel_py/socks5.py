@@ -105,13 +105,41 @@ RequestHandler = Callable[[asyncio.Transport, Buffered, Socks5Request], None]
 
 
 class Socks5Protocol(Buffered):
-    """Negotiates, then calls `on_request(transport, self, request)`; later bytes are kept for the relay."""
+    """Negotiates, then calls `on_request(transport, self, request)`; later bytes are kept for the relay.
 
-    def __init__(self, on_request: RequestHandler) -> None:
+    The negotiation must be over within `handshake_timeout` seconds: a client that connects and says nothing
+    (or half a greeting) would otherwise hold a file descriptor for ever, and enough of them starve every
+    other client of the process."""
+
+    def __init__(self, on_request: RequestHandler, handshake_timeout: float) -> None:
         super().__init__()
         self._on_request = on_request
+        self._handshake_timeout = handshake_timeout
+        self._deadline: asyncio.TimerHandle | None = None
         self._buf = bytearray()
         self._stage = "greeting"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.call_later(self._handshake_timeout, self._timed_out)
+
+    def _timed_out(self) -> None:
+        self._deadline = None
+        if self._stage == "done" or self.transport is None:
+            return
+        log.info("SOCKS5 from %s: no request within %.0fs, closing", _peer(self.transport), self._handshake_timeout)
+        self._stage = "done"
+        self.transport.close()
+
+    def _stop_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_deadline()
+        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self._stage == "done":
@@ -121,13 +149,13 @@ class Socks5Protocol(Buffered):
         try:
             self._advance()
         except Socks5Error as exc:
-            peer = self.transport.get_extra_info("peername") if self.transport else None
-            log.info("SOCKS5 from %s refused: %s", peer, exc)
+            log.info("SOCKS5 from %s refused: %s", _peer(self.transport), exc)
             if self.transport is not None:
                 if self._stage == "request":
                     self.transport.write(reply(exc.reply))
                 self.transport.close()
             self._stage = "done"
+            self._stop_deadline()
 
     def _advance(self) -> None:
         assert self.transport is not None
@@ -154,6 +182,7 @@ class Socks5Protocol(Buffered):
             rest = bytes(self._buf[used:])
             self._buf.clear()
             self._stage = "done"
+            self._stop_deadline()  # the outbound path has its own connect timeout from here
             if rest:
                 self.chunks.append(rest)
             self._on_request(self.transport, self, request)
@@ -164,3 +193,8 @@ class Socks5Protocol(Buffered):
                 self.transport.close()
             return False
         return super().eof_received()
+
+
+def _peer(transport: asyncio.BaseTransport | None) -> str:
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "a client that is gone"

@@ -12,6 +12,10 @@ from ztunnel_py.socks5 import SUCCEEDED, Socks5Protocol, Socks5Request, reply
 def socks5_factory(outbound: Outbound) -> Socks5Protocol:
     def on_request(transport: asyncio.Transport, placeholder: Buffered, request: Socks5Request) -> None:
         peer = transport.get_extra_info("peername")
+        if peer is None:
+            # uvloop has no address for a client that reset the connection at once: it is gone already.
+            transport.close()
+            return
 
         def outcome(code: int | None) -> None:
             # We answer once the upstream is up (or not), so the client sees a real error code.
@@ -25,4 +29,5 @@ def socks5_factory(outbound: Outbound) -> Socks5Protocol:
             outcome,
         )
 
-    return Socks5Protocol(on_request)
+    # The same deadline as an HBONE client's handshake: negotiating SOCKS5 is a few bytes each way.
+    return Socks5Protocol(on_request, outbound.node.ctx.h2.handshake_timeout)
