@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,10 @@ log = logging.getLogger("hbone.connection")
 KiB = 1024
 MiB = 1024 * KiB
 HANDSHAKE_TIMED_OUT = "HTTP/2 handshake timed out"  # the close reason when no SETTINGS came in time
+# Frames other than DATA (PING and SETTINGS ACKs, RST_STREAM, HEADERS...) we may queue for a peer that does not
+# read while our writes to it are paused; past that it is flooding us (Go's HTTP/2 server allows as many).
+MAX_QUEUED_CONTROL_FRAMES = 10_000
+GOAWAY_GRACE = 1.0  # seconds a peer we end for flooding gets to read its GOAWAY before the socket is cut
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +102,7 @@ class HboneConnection(asyncio.Protocol):
         self._pending_open: dict[int, asyncio.Future[Tunnel]] = {}
         self._batch = False
         self._write_paused = False
+        self._control_frames_at_pause = 0
         self._closed = False
         self._draining = False
         self._goaway_received = False
@@ -106,6 +112,7 @@ class HboneConnection(asyncio.Protocol):
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._ping_timer: asyncio.TimerHandle | None = None
         self._ping_sent_at: float | None = None
+        self._ping_payload = b""  # random per PING: only the peer that read it can answer it
         self._reserved = 0
         self.idle_since: float | None = time.monotonic()
         self.close_reason = ""
@@ -131,6 +138,7 @@ class HboneConnection(asyncio.Protocol):
         # is acknowledged, and h2 would otherwise only raise its limit on the ACK.
         self._h2.max_inbound_frame_size = s.frame_size
         self._h2.decoder.max_header_list_size = local[h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE]
+        self._h2.incoming_buffer.max_header_block = self._h2.decoder.max_header_list_size  # type: ignore[attr-defined]
         self._h2.initiate_connection()
         if s.connection_window > 65535:
             self._h2.increment_flow_control_window(s.connection_window - 65535)
@@ -175,6 +183,8 @@ class HboneConnection(asyncio.Protocol):
                     conn._terminate_connection(exc.error_code)
                     self._protocol_error(exc)
                     return
+                if self._write_paused and self._flooded():
+                    return
                 for event in events:
                     try:
                         self._dispatch(event)
@@ -206,7 +216,11 @@ class HboneConnection(asyncio.Protocol):
         self._lost(f"connection lost: {exc}" if exc else "connection closed")
 
     def pause_writing(self) -> None:
+        # DATA waits until the transport drains; what h2 answers on its own (PING and SETTINGS ACKs, resets)
+        # does not, and reading goes on (a peer that both writes and reads must never wait for us to read),
+        # so that backlog is bounded instead, from here on (see `_flooded`).
         self._write_paused = True
+        self._control_frames_at_pause = self._outbox.control_frames
 
     def resume_writing(self) -> None:
         self._write_paused = False
@@ -244,7 +258,8 @@ class HboneConnection(asyncio.Protocol):
             for tunnel in list(self._blocked):
                 self._flush_stream(tunnel)
         elif isinstance(event, h2.events.PingAckReceived):
-            self._ping_sent_at = None
+            if event.ping_data == self._ping_payload:
+                self._ping_sent_at = None
         elif isinstance(event, h2.events.ConnectionTerminated):
             self._lost(f"peer ended the connection ({event.error_code!r})")
 
@@ -525,10 +540,27 @@ class HboneConnection(asyncio.Protocol):
                 return
         else:
             self._ping_sent_at = now
+            self._ping_payload = os.urandom(8)
             with contextlib.suppress(h2.exceptions.ProtocolError):
-                self._h2.ping(b"hbone-ka")
+                self._h2.ping(self._ping_payload)
             self._flush()
         self._schedule_ping()
+
+    def _flooded(self) -> bool:
+        """Checked after each frame h2 handled while our writes are paused: a peer that keeps asking for
+        answers (PINGs, SETTINGS, frames on reset streams) without reading them would grow our queue without
+        bound. Past the limit the connection ends with GOAWAY ENHANCE_YOUR_CALM."""
+        queued = self._outbox.control_frames - self._control_frames_at_pause
+        if queued <= MAX_QUEUED_CONTROL_FRAMES:
+            return False
+        log.warning("HTTP/2 peer %s does not read: %d frames queued for it; closing", self.peer_name, queued)
+        self._h2._terminate_connection(ErrorCodes.ENHANCE_YOUR_CALM)
+        transport = self._transport
+        self.close(f"peer does not read what it asks for ({queued} frames queued): ENHANCE_YOUR_CALM")
+        if transport is not None:
+            # close() waits for the queue to drain, which it may never do.
+            self._loop.call_later(GOAWAY_GRACE, transport.abort)
+        return True
 
     def _handshake_timeout(self) -> None:
         if not self.ready.done():

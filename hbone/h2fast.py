@@ -22,6 +22,8 @@
    header block (§8.1.1: RST_STREAM PROTOCOL_ERROR) and a stream over our SETTINGS_MAX_CONCURRENT_STREAMS
    (§5.1.2: RST_STREAM REFUSED_STREAM, which a client may retry). On a pooled HBONE connection that would
    cost every tunnel on it. `HboneH2Connection` resets only that stream; every other error stays h2's.
+7. `h2` checks the size of a header list only once its block is complete, and keeps up to 64 frames of the
+   block until then (64 MiB with our MAX_FRAME_SIZE). Our frame buffer bounds the block as it grows.
 """
 
 from __future__ import annotations
@@ -43,7 +45,13 @@ from h2.events import (
     StreamReset,
     TrailersReceived,
 )
-from h2.exceptions import FlowControlError, FrameDataMissingError, ProtocolError, TooManyStreamsError
+from h2.exceptions import (
+    DenialOfServiceError,
+    FlowControlError,
+    FrameDataMissingError,
+    ProtocolError,
+    TooManyStreamsError,
+)
 from h2.frame_buffer import FrameBuffer
 from h2.stream import StreamInputs, StreamState
 from h2.utilities import validate_headers
@@ -87,6 +95,8 @@ class FastFrameBuffer(FrameBuffer):
         self._offset = 0
         self._on_goaway = on_goaway
         self._goaways: list[GoAwayFrame] | None = None  # collected while feed() parses a batch
+        # Bytes of an unfinished header block we keep (its connection sets our SETTINGS_MAX_HEADER_LIST_SIZE).
+        self.max_header_block = 64 * 1024
 
     def add_data(self, data: bytes | bytearray | memoryview) -> None:
         if self._offset:
@@ -199,6 +209,19 @@ class FastFrameBuffer(FrameBuffer):
             if result is not None:
                 return result
 
+    def _update_header_buffer(self, f: Frame | None) -> Frame | None:
+        """h2's, plus a bound on the block collected so far: h2 checks the header list's size only once the
+        block is complete, and keeps up to 64 frames of our MAX_FRAME_SIZE (1 MiB) each until then. An HPACK
+        block is smaller than the size its list counts for (RFC 9113 §6.5.2: the strings plus 32 per field)
+        unless its strings are Huffman codes of unusual bytes, so a longer block is treated as h2 treats an
+        oversized header list: a connection error ENHANCE_YOUR_CALM."""
+        f = super()._update_header_buffer(f)
+        if self._headers_buffer:
+            size = sum(len(part.data) for part in self._headers_buffer)
+            if size > self.max_header_block:
+                raise DenialOfServiceError(f"Header block over {self.max_header_block} bytes and not yet complete")
+        return f
+
 
 class Outbox:
     """Outgoing bytes in order, with DATA payloads kept as the buffers they arrived in.
@@ -212,6 +235,7 @@ class Outbox:
     def __init__(self, conn: H2Connection) -> None:
         self._conn = conn
         self.chunks: list[bytes | memoryview] = []
+        self.control_frames = 0  # frames other than DATA queued so far (HboneConnection bounds their backlog)
 
     def prepare(self, frames: list[Frame]) -> None:
         if not frames:
@@ -231,6 +255,7 @@ class Outbox:
                     chunks.append(header + f.data)
             else:
                 chunks.append(f.serialize())
+                self.control_frames += 1
 
     def add_data(self, stream_id: int, data: bytes) -> None:
         """A DATA frame (no flags) for `data`, which `DataPath.send` has accounted for."""

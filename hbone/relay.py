@@ -2,8 +2,9 @@
 
 Callbacks only: bytes read from one side are written to the other in the same callback, and back-pressure
 travels as pause/resume (a side whose writes back up stops reading from the other). EOF on one side becomes
-a half-close on the other while the opposite direction carries on (SPEC §3.5); an error or RST on one side
-becomes a reset of the other (RST_STREAM CONNECT_ERROR on a tunnel, TCP RST on a socket).
+a half-close on the other while the opposite direction carries on (SPEC §3.5); a side that ends without error
+(a stream reset with NO_ERROR or CANCEL) closes the other; an error or RST on one side becomes a reset of the
+other (RST_STREAM CONNECT_ERROR on a tunnel, TCP RST on a socket).
 """
 
 from __future__ import annotations
@@ -129,11 +130,11 @@ class _End(asyncio.Protocol):
         self.closed = True
         if exc is not None:
             self.relay._fail(self, exc)
-        elif not self.eof:
-            # Closed without EOF and without error (e.g. a clean stream reset): end the other direction.
-            self.eof = True
-            self._end_peer()
-        if not self.peer.closed and self.peer.eof and not self.peer.transport.is_closing():
+        elif not self.peer.closed and not self.peer.transport.is_closing():
+            # A clean end of both directions at once (a stream reset with NO_ERROR or CANCEL, or our own close):
+            # nothing can come from this side nor go to it any more, so the other side is closed too, after
+            # what was written to it. Waiting for it to close first would wait forever on an application
+            # that never does. (An EOF alone is a half-close, handled in eof_received.)
             self.peer.transport.close()
         self.relay._maybe_done()
 

@@ -7,7 +7,9 @@ A `Tunnel` looks to its protocol exactly like a TCP transport: `data_received`, 
 Flow control, both ways:
 - receiving: bytes handed to the protocol are acknowledged to the peer (WINDOW_UPDATE) at once; while the
   protocol has paused reading, incoming bytes wait here unacknowledged, so the peer stops when its window
-  (4 MiB by default) is used up. Memory per stream stays bounded by the window.
+  (4 MiB by default) is used up. Memory per stream stays bounded by the window. Once the stream has ended,
+  what still waits here (or is dropped) is acknowledged to the connection at once, whose window the other
+  streams share.
 - sending: bytes are framed only as far as the peer's windows allow; the rest waits here, and the protocol
   is told to pause writing once that backlog passes the high-water mark.
 """
@@ -171,12 +173,13 @@ class Tunnel(asyncio.Transport):
                 self._conn._ack(self, flow_len)
                 if data:
                     self._protocol.data_received(data)  # type: ignore[attr-defined]
-            if self._recv or self._reading_paused:
+            if self._recv:
                 return
-            if self._remote_ended and not self._eof_delivered and self._error is None:
+            if self._remote_ended and not self._eof_delivered and not self._closing:
+                if self._reading_paused:
+                    return  # EOF waits for reading, as on a socket; connection_lost waits only for the EOF
                 self._eof_delivered = True
-                if not self._closing:
-                    self._protocol.eof_received()  # type: ignore[attr-defined]
+                self._protocol.eof_received()  # type: ignore[attr-defined]
             self._check_done()
         if self._finished:
             self._lost_delivered = True
@@ -244,7 +247,7 @@ class Tunnel(asyncio.Transport):
         if self._closing or self._finished:
             return
         self._closing = True
-        self._recv.clear()
+        self._drop_received()
         self.write_eof()
         self._check_done()
 
@@ -252,9 +255,11 @@ class Tunnel(asyncio.Transport):
         """Reset the stream now. CANCEL is a clean end for the peer; CONNECT_ERROR mirrors a TCP RST."""
         if self._finished:
             return
+        self._closing = True  # as a socket's abort: nothing more reaches the protocol but connection_lost
         self._send.clear()
         self._send_size = 0
         self._conn._reset(self, code)
+        self._drop_received()
         self._finish(None)
 
     def reset(self) -> None:
@@ -297,13 +302,26 @@ class Tunnel(asyncio.Transport):
         self._finished = True
         self._error = exc
         if exc is not None:
-            self._recv.clear()
+            self._drop_received()
+        elif self._recv:
+            # Kept for the protocol, which may not read again for a long time (or ever): the stream no longer
+            # needs its window, and the connection's must not wait, or a few such streams stall every other
+            # stream on a pooled connection. The bytes are acknowledged now, and not again when delivered.
+            self._conn._ack(self, sum(flow_len for _, flow_len in self._recv))
+            self._recv = deque((data, 0) for data, _ in self._recv)
         self._send.clear()
         self._send_size = 0
         self._conn._stream_finished(self)
         if self._has_user_protocol:
             # Later, so that a protocol callback that caused this does not re-enter.
             self._conn._loop.call_soon(self._deliver)
+
+    def _drop_received(self) -> None:
+        """Discard what waits for the protocol, giving its flow-control credit back (to the connection only,
+        once the stream is closed): it will never be delivered."""
+        if self._recv:
+            self._conn._ack(self, sum(flow_len for _, flow_len in self._recv))
+            self._recv.clear()
 
     @property
     def finished(self) -> bool:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import functools
 import os
+import socket
 import ssl
 import struct
 from collections import defaultdict
@@ -110,8 +111,19 @@ class RawPeer:
 
     # -- opening -------------------------------------------------------------------------------------------
     @classmethod
-    async def connect(cls, address: tuple[str, int], ctx: ssl.SSLContext, *, window: int = DEFAULT_WINDOW) -> RawPeer:
-        reader, writer = await asyncio.open_connection(*address, ssl=ctx, server_hostname="")
+    async def connect(
+        cls, address: tuple[str, int], ctx: ssl.SSLContext, *, window: int = DEFAULT_WINDOW, rcvbuf: int | None = None
+    ) -> RawPeer:
+        """A client connection. `rcvbuf` sets the socket's receive buffer before it connects, so that the TCP
+        window stays that small and the other side feels at once when this peer stops reading."""
+        if rcvbuf is None:
+            reader, writer = await asyncio.open_connection(*address, ssl=ctx, server_hostname="")
+        else:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, address)
+            reader, writer = await asyncio.open_connection(sock=sock, ssl=ctx, server_hostname="")
         peer = cls(reader, writer, client=True)
         peer.write(PREFACE)
         peer.send_settings({ENABLE_PUSH: 0, INITIAL_WINDOW_SIZE: window})
@@ -184,6 +196,12 @@ class RawPeer:
         token = os.urandom(8)
         self.write(PingFrame(0, opaque_data=token).serialize())
         await self.until(lambda: token in self.ping_acks, "a PING ACK")
+
+    def stop_reading(self) -> None:
+        """Read nothing more, not even into a buffer here: what the other side sends waits on its side. (No
+        more SETTINGS or PING answers either.)"""
+        self._reading.cancel()
+        self.writer.transport.pause_reading()
 
     # -- receiving -----------------------------------------------------------------------------------------
     async def until(self, cond: Callable[[], object], what: str, timeout: float = WAIT) -> None:

@@ -1,0 +1,385 @@
+"""What a peer cannot make an HBONE connection hold: flow-control credit of streams that ended, answers it
+never reads, an endless header block, and tunnels (with their application sockets) that ended cleanly.
+
+Real TLS and sockets throughout; the misbehaving side is the hand-written `RawPeer` (tests/support/rawpeer.py),
+which keeps its own account of every window, so a window that is never given back shows as a peer that
+cannot send, and a queue that grows shows in the server's own objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import struct
+from typing import Any
+
+import pytest
+from h2.errors import ErrorCodes
+from hyperframe.frame import ContinuationFrame, PingFrame, RstStreamFrame
+
+from hbone.connection import MAX_QUEUED_CONTROL_FRAMES, H2Settings, HboneConnection
+from hbone.errors import StreamReset
+from hbone.tlslayer import READ_CHUNK
+from hbone.tunnel import Tunnel
+from tests.support.apps import TcpApp, TunnelServer
+from tests.support.pki import TestPki, ident
+from tests.support.rawpeer import HEADERS, WAIT, RawPeer, bounded, frame
+
+SERVER = ident("server")
+CLIENT = ident("client")
+KiB = 1024
+MiB = 1024 * KiB
+
+# The server answers a CONNECT to this authority with 200 and gives the stream a consumer that has paused
+# reading: what arrives waits in the Tunnel, unacknowledged, as behind an application that does not read.
+PAUSED = "127.0.0.78:7"
+
+
+class Consumer(asyncio.Protocol):
+    """A tunnel's protocol that records what reaches it."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.eof = False
+        self.lost: list[BaseException | None] = []
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+
+    def eof_received(self) -> None:
+        self.eof = True
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.lost.append(exc)
+
+
+class PausingServer(TunnelServer):
+    """The suite's HBONE test server, plus streams to `PAUSED` whose consumer does not read."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.paused: list[tuple[Tunnel, Consumer]] = []
+
+    async def _serve(self, tunnel: Tunnel) -> None:
+        if tunnel.authority == PAUSED:
+            consumer = Consumer()
+            tunnel.set_protocol(consumer)
+            tunnel.pause_reading()
+            tunnel.respond(200)
+            self.paused.append((tunnel, consumer))
+            return
+        await super()._serve(tunnel)
+
+    def connection(self) -> HboneConnection:
+        (conn,) = self.server.connections
+        return conn
+
+
+async def until(cond: Any, what: str, timeout: float = WAIT) -> None:
+    """Wait for a condition on the server's side, which no frame reports."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def peer_for(pki: TestPki, server: TunnelServer, **kwargs: Any) -> RawPeer:
+    return await RawPeer.connect(server.address, pki.client_ctx(CLIENT), **kwargs)
+
+
+def rst(peer: RawPeer, sid: int, code: ErrorCodes) -> None:
+    peer.write(RstStreamFrame(sid, error_code=code).serialize())
+
+
+# -- 1. flow-control credit of streams that ended while their consumer did not read --------------------------
+SMALL_WINDOWS = H2Settings(stream_window=256 * KiB, connection_window=1 * MiB)  # four streams fill the connection
+
+
+@pytest.mark.parametrize(
+    "end",
+    [
+        "peer_cancel",
+        "peer_no_error",
+        "peer_connect_error",
+        "peer_end_stream_then_cancel",
+        "server_reset",
+        "server_close",
+        "peer_end_stream_then_server_close",
+    ],
+)
+@bounded(90)
+async def test_a_stream_that_ends_unread_gives_its_bytes_back_to_the_connection(pki, echo_app, end) -> None:
+    """Twice as many streams as the connection window holds each fill their whole stream window while their
+    consumer does not read, and then end (reset by either side, closed, or ended and reset). What they held
+    must go back to the connection's window, or the fifth stream could not send a byte and nor could any
+    other on that connection. After a clean end the consumer still gets the bytes once it reads."""
+    srv = await PausingServer(SERVER, lambda: pki.server_ctx(SERVER), settings=SMALL_WINDOWS).start()
+    peer = await peer_for(pki, srv)
+    try:
+        sent: list[bytes] = []
+        for n in range(8):
+            sid = await peer.connect_stream(PAUSED)
+            body = os.urandom(256 * KiB)
+            for offset in range(0, len(body), 32 * KiB):
+                await peer.send_when_allowed(sid, body[offset : offset + 32 * KiB])
+            await peer.ping()  # the server has it all
+            tunnel, consumer = srv.paused[n]
+            assert tunnel.bytes_received == len(body) and not consumer.data
+            sent.append(body)
+            if end.startswith("peer_end_stream"):
+                peer.send_data(sid, b"", end_stream=True)
+                await peer.ping()
+            if end in ("peer_cancel", "peer_end_stream_then_cancel"):
+                rst(peer, sid, ErrorCodes.CANCEL)
+            elif end == "peer_no_error":
+                rst(peer, sid, ErrorCodes.NO_ERROR)
+            elif end == "peer_connect_error":
+                rst(peer, sid, ErrorCodes.CONNECT_ERROR)
+            elif end == "server_reset":
+                tunnel.reset()
+            else:
+                tunnel.close()
+            await peer.ping()
+            assert tunnel.finished, end
+        assert not peer.goaways and not peer.violations, peer.summary()
+        # The windows as the peer counts them and as h2 does agree, and nothing is owed any more.
+        window = srv.connection()._h2._inbound_flow_control_window_manager
+        assert window.current_window_size == peer.send_conn_window
+        assert window.current_window_size + window._bytes_processed == 1 * MiB
+        clean = end in ("peer_cancel", "peer_no_error", "peer_end_stream_then_cancel")
+        for (tunnel, consumer), body in zip(srv.paused, sent, strict=True):
+            if clean:
+                assert not consumer.lost  # bytes are waiting for it
+                tunnel.resume_reading()
+                assert bytes(consumer.data) == body and consumer.eof and consumer.lost == [None]
+            elif end == "peer_connect_error":
+                assert not consumer.data and len(consumer.lost) == 1 and isinstance(consumer.lost[0], StreamReset)
+            else:  # we ended it: nothing more reaches the consumer but connection_lost, even while it is paused
+                await until(lambda consumer=consumer: consumer.lost, "connection_lost")
+                assert not consumer.data and not consumer.eof and consumer.lost == [None]
+        # Not one byte was acknowledged twice.
+        assert window.current_window_size + window._bytes_processed == 1 * MiB
+        # And the connection still carries a tunnel.
+        sid = await peer.connect_stream(f"127.0.0.1:{echo_app.port}")
+        await peer.send_when_allowed(sid, b"still moving")
+        await peer.until(lambda: bytes(peer.data[sid]) == b"still moving", "the echo")
+    finally:
+        await peer.close()
+        await srv.close()
+
+
+@bounded(60)
+async def test_application_reset_while_the_relay_is_paused_ends_the_relay_and_frees_the_window(pki) -> None:
+    """An application that stops reading holds its tunnel's relay paused with bytes queued in the Tunnel;
+    when it then resets its socket, the relay resets the stream, ends, and the queued bytes go back to the
+    connection's window (the pooled connection would otherwise lose that much for good)."""
+    accepted: asyncio.Future[asyncio.StreamWriter] = asyncio.get_running_loop().create_future()
+    release = asyncio.Event()
+
+    async def not_reading(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.set_result(writer)
+        await release.wait()
+
+    app = await TcpApp(not_reading).start()
+    app.server.sockets[0].setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # accepted sockets inherit it
+    srv = await TunnelServer(SERVER, lambda: pki.server_ctx(SERVER)).start()
+    peer = await peer_for(pki, srv)
+    try:
+        sid = await peer.connect_stream(f"127.0.0.1:{app.port}")
+        tunnel = srv.server.connections.copy().pop()._streams[sid]
+        while not tunnel._reading_paused:  # until the app's socket backs up and the relay stops reading
+            await peer.send_when_allowed(sid, os.urandom(64 * KiB))
+            await peer.ping()
+        await peer.send_when_allowed(sid, os.urandom(64 * KiB))  # this waits in the Tunnel
+        await peer.ping()
+        assert tunnel._recv
+        writer = await asyncio.wait_for(accepted, WAIT)
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # the application resets its connection
+        result = await asyncio.wait_for(srv.relays[-1].done, WAIT)
+        assert isinstance(result.error, ConnectionError)
+        await peer.until(lambda: sid in peer.resets, "the RST_STREAM")
+        assert peer.resets[sid] == ErrorCodes.CONNECT_ERROR
+        await peer.ping()
+        window = srv.server.connections.copy().pop()._h2._inbound_flow_control_window_manager
+        assert window.current_window_size == peer.send_conn_window
+        assert window.current_window_size + window._bytes_processed == 16 * MiB
+    finally:
+        release.set()
+        await peer.close()
+        await srv.close()
+        await app.close()
+
+
+# -- 2. answers the peer does not read ----------------------------------------------------------------------
+@bounded(60)
+async def test_ping_flood_from_a_peer_that_does_not_read_ends_the_connection(pki, echo_app) -> None:
+    """A peer that sends PINGs and never reads the ACKs: once the server's writes are paused, it queues at
+    most MAX_QUEUED_CONTROL_FRAMES more before it ends the connection (GOAWAY ENHANCE_YOUR_CALM) and, since
+    that GOAWAY is not read either, cuts the socket. Other clients are served all along."""
+    srv = await PausingServer(SERVER, lambda: pki.server_ctx(SERVER)).start()
+    peer = await peer_for(pki, srv, rcvbuf=4096)
+    try:
+        conn = srv.connection()
+        peer.stop_reading()
+        batch = PingFrame(0, opaque_data=b"flooding").serialize() * 1000
+        with pytest.raises(ConnectionError):  # in the end the server cuts the socket (see below)
+            for _ in range(2000):  # 2,000,000 PINGs at most, 34 MB
+                peer.write(batch)
+                await asyncio.wait_for(peer.writer.drain(), WAIT)
+                if conn.is_closed:
+                    continue  # and the flood goes on into a socket that no longer reads
+                # What the server holds for this peer stays bounded: the write buffer's high-water mark
+                # (64 KiB), the ACKs for one read (up to 256 KiB of PINGs) that took it past the mark, and
+                # the ACKs it may queue after that (17 bytes each, and TLS records around them).
+                queued = conn._transport.get_write_buffer_size() if conn._transport else 0
+                bound = 64 * KiB + READ_CHUNK + 20 * MAX_QUEUED_CONTROL_FRAMES
+                assert queued < bound, f"{queued} bytes queued for the peer"
+        assert conn.is_closed and "ENHANCE_YOUR_CALM" in conn.close_reason, conn.close_reason
+        # The socket was cut, not left to drain into a peer that does not read: the flood ended in an error
+        # (a close that waited for the peer to read would have blocked the peer's writes instead).
+        client = await peer_for(pki, srv)
+        sid = await client.connect_stream(f"127.0.0.1:{echo_app.port}")
+        await client.send_when_allowed(sid, b"served")
+        await client.until(lambda: bytes(client.data[sid]) == b"served", "the echo")
+        await client.close()
+    finally:
+        await peer.close()
+        await srv.close()
+
+
+@bounded(30)
+async def test_keepalive_ack_must_carry_the_payload_we_sent(pki) -> None:
+    """A peer that does not read cannot keep the connection alive by sending PING ACKs it never saw the PING
+    for: only an ACK with our random payload counts, so the keepalive timeout drops it."""
+    settings = H2Settings(ping_interval=0.05, ping_timeout=0.3)
+    srv = await PausingServer(SERVER, lambda: pki.server_ctx(SERVER), settings=settings).start()
+    peer = await peer_for(pki, srv)
+    try:
+        conn = srv.connection()
+        peer.stop_reading()
+        guesses = [b"hbone-ka", b"\x00" * 8, b"12345678"]
+        for _ in range(1000):
+            if conn.is_closed:
+                break
+            for guess in guesses:
+                peer.write(PingFrame(0, flags=["ACK"], opaque_data=guess).serialize())
+            await peer.writer.drain()
+            await asyncio.sleep(0.02)
+        assert conn.is_closed and "no PING answer" in conn.close_reason, conn.close_reason
+        assert conn._ping_payload not in guesses
+    finally:
+        await peer.close()
+        await srv.close()
+
+
+# -- 3. a header block without end --------------------------------------------------------------------------
+def continuation(sid: int, block: bytes, *, end: bool = False) -> bytes:
+    return ContinuationFrame(sid, data=block, flags=["END_HEADERS"] if end else []).serialize()
+
+
+@pytest.mark.parametrize("fragment", [16 * KiB, 1 * MiB], ids=["16KiB_frames", "1MiB_frames"])
+@bounded(30)
+async def test_header_block_over_the_header_list_limit_is_a_connection_error(pki, echo_app, fragment) -> None:
+    """HEADERS without END_HEADERS, then CONTINUATION frames without end: once the block passes the 64 KiB
+    header list limit the connection ends with ENHANCE_YOUR_CALM (what h2 answers to an oversized header
+    list), instead of buffering up to 64 frames of 1 MiB first."""
+    srv = await PausingServer(SERVER, lambda: pki.server_ctx(SERVER)).start()
+    peer = await peer_for(pki, srv)
+    try:
+        first = await peer.connect_stream(f"127.0.0.1:{echo_app.port}")
+        block = peer.encoder.encode([(":method", "CONNECT"), (":authority", f"127.0.0.1:{echo_app.port}")])
+        peer.write(frame(HEADERS, 0, first + 2, block))
+        buffer = srv.connection()._h2.incoming_buffer
+        for _ in range(63):
+            if peer.eof:
+                break
+            peer.write(continuation(first + 2, b"\x00" * fragment))
+            with contextlib.suppress(ConnectionError):  # the server may have closed already
+                await peer.writer.drain()
+            assert sum(len(part.data) for part in buffer._headers_buffer) <= 64 * KiB + fragment
+        await peer.closed()
+        assert peer.goaways == [(first, ErrorCodes.ENHANCE_YOUR_CALM)], peer.summary()
+    finally:
+        await peer.close()
+        await srv.close()
+
+
+@bounded(30)
+async def test_header_block_split_into_continuations_within_the_limit_is_served(pki, echo_app) -> None:
+    """The same shape within the limit is an ordinary request: a 40 KiB block in four frames is answered."""
+    srv = await PausingServer(SERVER, lambda: pki.server_ctx(SERVER)).start()
+    peer = await peer_for(pki, srv)
+    try:
+        authority = f"127.0.0.1:{echo_app.port}"
+        block = peer.encoder.encode([(":method", "CONNECT"), (":authority", authority), ("x-big", "v" * 40_000)])
+        quarter = len(block) // 4
+        sid = 1
+        peer.write(frame(HEADERS, 0, sid, block[:quarter]))
+        peer.write(continuation(sid, block[quarter : 2 * quarter]))
+        peer.write(continuation(sid, block[2 * quarter : 3 * quarter]))
+        peer.write(continuation(sid, block[3 * quarter :], end=True))
+        peer.send_windows[sid] = peer.peer_initial_window
+        peer.recv_windows[sid] = peer.local_window
+        await peer.until(lambda: sid in peer.headers, "the answer")
+        assert peer.status(sid) == 200 and not peer.goaways
+        await peer.send_when_allowed(sid, b"after a long header block")
+        await peer.until(lambda: bytes(peer.data[sid]) == b"after a long header block", "the echo")
+    finally:
+        await peer.close()
+        await srv.close()
+
+
+# -- 4. a tunnel that ends cleanly ends its relay ----------------------------------------------------------
+@pytest.mark.parametrize(
+    "end",
+    ["cancel_after_200", "no_error_after_200", "cancel_before_200", "end_stream_then_cancel", "end_stream_only"],
+)
+@bounded(30)
+async def test_a_clean_stream_end_closes_the_application_side(pki, end) -> None:
+    """RST_STREAM CANCEL or NO_ERROR (before or after the 200, or after END_STREAM) ends both directions: the
+    application gets what was sent, then EOF, and its socket is closed even though the application never
+    closes it, so the relay ends. END_STREAM alone is a half-close: the application can still answer."""
+    loop = asyncio.get_running_loop()
+    got: asyncio.Future[bytes] = loop.create_future()
+    release = asyncio.Event()
+
+    async def never_closes(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        got.set_result(await reader.read())
+        writer.write(b"answer after EOF")
+        await release.wait()
+
+    app = await TcpApp(never_closes).start()
+    srv = await TunnelServer(SERVER, lambda: pki.server_ctx(SERVER)).start()
+    peer = await peer_for(pki, srv)
+    authority = f"127.0.0.1:{app.port}"
+    try:
+        if end == "cancel_before_200":
+            sid = peer.open_stream(authority)
+            rst(peer, sid, ErrorCodes.CANCEL)  # in the same read as the request
+            sent = b""
+        else:
+            sid = await peer.connect_stream(authority)
+            sent = b"request bytes"
+            await peer.send_when_allowed(sid, sent)
+            if end.startswith("end_stream"):
+                peer.send_data(sid, b"", end_stream=True)
+                assert await asyncio.wait_for(got, WAIT) == sent
+            if end == "end_stream_only":
+                await peer.until(lambda: bytes(peer.data[sid]) == b"answer after EOF", "the answer after EOF")
+                assert not srv.relays[-1].done.done()
+                return
+            rst(peer, sid, ErrorCodes.NO_ERROR if end == "no_error_after_200" else ErrorCodes.CANCEL)
+        await until(lambda: srv.relays, "the relay")
+        result = await asyncio.wait_for(srv.relays[-1].done, WAIT)
+        assert result.error is None and result.a_to_b == len(sent)
+        assert await asyncio.wait_for(got, WAIT) == sent
+    finally:
+        release.set()
+        await peer.close()
+        await srv.close()
+        await app.close()
