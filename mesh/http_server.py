@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import enum
 import inspect
+import ipaddress
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -351,11 +352,41 @@ def admin_routes(
         log.warning("admin: log level set to %s", logging.getLevelName(root.level).lower())
         return show_level()
 
-    return {
+    routes: dict[str, dict[str, Handler]] = {
         "/config_dump": {"GET": dump},
         "/quitquitquit": {"POST": quitquitquit},
         "/logging": {"GET": get_logging, "POST": set_logging},
     }
+    return {path: {method: _same_machine_only(h) for method, h in methods.items()} for path, methods in routes.items()}
+
+
+def _same_machine_only(handler: Handler) -> Handler:
+    """A web page in a browser on the same machine can reach a localhost port: by a form POST (it carries an
+    `Origin`) or, after DNS rebinding, by a name that resolves to 127.0.0.1 (its `Host` is that name). Admin
+    requests are taken only from clients that name the address itself (an IP or localhost) and no origin."""
+
+    def guarded(request: Request) -> Response | Awaitable[Response]:
+        if "origin" in request.headers:
+            return Response.text(403, "admin endpoints take no cross-origin (browser) requests\n")
+        if not _names_an_address(request.headers.get("host", "")):
+            return Response.text(403, "admin endpoints answer only to Host: <ip>[:port] or localhost[:port]\n")
+        return handler(request)
+
+    return guarded
+
+
+def _names_an_address(host: str) -> bool:
+    if host.startswith("["):  # [v6]:port
+        host = host[1 : host.find("]")] if "]" in host else ""
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    if host.lower() == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _json_default(value: object) -> object:

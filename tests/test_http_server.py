@@ -40,11 +40,13 @@ async def servers() -> AsyncIterator[list[asyncio.Server]]:
 Reply = tuple[int, str, dict[str, str]]  # status, body, headers with lower-case names
 
 
-async def fetch(port: int, path: str, method: str = "GET", body: bytes | None = None) -> Reply:
+async def fetch(port: int, path: str, method: str = "GET", body: bytes | None = None,
+                headers: dict[str, str] | None = None) -> Reply:  # fmt: skip
     """One request through urllib, in a thread because the server runs on this test's event loop."""
 
     def call() -> Reply:
-        req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method=method)
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method=method,
+                                     headers=headers or {})  # fmt: skip
         try:
             with urllib.request.urlopen(req, timeout=5) as resp:
                 return resp.status, resp.read().decode(), {k.lower(): v for k, v in resp.headers.items()}
@@ -125,6 +127,24 @@ async def test_admin_config_dump_quit_and_logging(servers: list[asyncio.Server],
     assert root.level == logging.INFO
     assert (await fetch(port, "/logging", method="DELETE"))[0] == 405
     assert (await fetch(port, "/debug/pprof/heap"))[0] == 404
+
+
+async def test_admin_takes_no_browser_requests(servers: list[asyncio.Server]) -> None:
+    # A page in a browser on this machine can reach localhost: a form POST carries an Origin, and after DNS
+    # rebinding its Host is the attacker's name. Neither may stop the daemon or read its state.
+    quits: list[bool] = []
+    server, port = await start(admin_routes(lambda: {"secret": "state"}, lambda: quits.append(True)))
+    servers.append(server)
+    form = {"Origin": "http://attacker.example", "Content-Type": "application/x-www-form-urlencoded"}
+    assert (await fetch(port, "/quitquitquit", method="POST", body=b"", headers=form))[0] == 403
+    status, body, _ = await fetch(port, "/config_dump", headers={"Host": "attacker.example:15000"})
+    assert status == 403 and "secret" not in body
+    assert (await fetch(port, "/logging?level=debug", method="POST", body=b"",
+                        headers={"Host": "rebound.example"}))[0] == 403  # fmt: skip
+    assert quits == []
+    # An operator's curl names an address.
+    for host in ("127.0.0.1:15000", "localhost:15000", "[::1]:15000", "localhost"):
+        assert (await fetch(port, "/config_dump", headers={"Host": host}))[0] == 200, host
 
 
 async def test_handler_errors_and_async_handlers(servers: list[asyncio.Server]) -> None:
