@@ -15,11 +15,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import yaml
@@ -42,8 +41,9 @@ from mesh.upstream import Connector
 from tests.support.apps import TcpApp, TunnelServer, digest_reply, echo, send_pattern, stream_pair
 from tests.support.daemons import REPO, Daemon, http_get, metric_samples, scrape
 from tests.support.pki import TestPki
+from tests.support.waiting import eventually
 
-T = TypeVar("T")
+SETTLE = 20.0  # seconds for the gateway's metrics and state to catch up; bounds a hang, measures nothing
 
 TD = "cluster.local"
 GATEWAY = Identity(TD, "istio-system", "istio-eastwestgateway")
@@ -217,20 +217,6 @@ def gateway(net: Net, tmp_path: Path) -> Iterator[GatewayProcess]:
     gw = GatewayProcess(net, tmp_path)
     yield gw
     gw.stop()
-
-
-async def eventually(check: Callable[[], Awaitable[T]], *, what: str, timeout: float = 20.0) -> T:
-    """Poll until `check` returns something truthy; the timeout only bounds a hang, it asserts nothing."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    last: T
-    while True:
-        last = await check()
-        if last:
-            return last
-        if loop.time() > end:
-            raise AssertionError(f"gave up waiting for {what} (last: {last!r})")
-        await asyncio.sleep(0.02)
 
 
 # --- the two sides around the gateway ---------------------------------------------------------------------
@@ -408,7 +394,7 @@ async def test_large_body_relayed_opaquely_with_metrics_from_the_outer_peer_only
             tx = samples(text, "istio_tcp_sent_bytes_total", **labels)
             return rx == d.outer.bytes_sent and tx == d.outer.bytes_received
 
-        await eventually(bytes_match, what="the gateway's byte counts to match the outer stream")
+        await eventually(bytes_match, "the gateway's byte counts to match the outer stream", SETTLE)
         assert d.outer.bytes_sent > total  # the relayed bytes are ciphertext of the inner session
 
         # A second source whose baggage lies about its namespace: the certificate's namespace wins.
@@ -420,7 +406,7 @@ async def test_large_body_relayed_opaquely_with_metrics_from_the_outer_peer_only
         stranger_writer.write_eof()
 
         d.inner_conn.close("done")
-        await eventually(lambda: _closed(gateway, 2), what="both streams to be counted closed")
+        await eventually(lambda: _closed(gateway, 2), "both streams to be counted closed", SETTLE)
 
         text = await gateway.metrics()
         opened = {"reporter": "destination", "source_principal": str(SLEEP), "source_workload": "sleep",
@@ -442,9 +428,8 @@ async def test_large_body_relayed_opaquely_with_metrics_from_the_outer_peer_only
         # Nothing from inside the inner tunnel reaches the gateway's metrics or its logs.
         assert INNER_MARKER not in text
         # Access lines are written in batches (within mesh.accesslog.FLUSH_INTERVAL).
-        deadline = time.monotonic() + 10
-        while "connection complete" not in (output := gateway.output()) and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        await eventually(lambda: "connection complete" in gateway.output(), "the access line")
+        output = gateway.output()
         assert INNER_MARKER not in output
         assert "connection complete" in output and f"src.identity={SLEEP}" in output
 
@@ -625,7 +610,7 @@ async def test_config_reload_applies_to_new_streams(pki: TestPki, net: Net, gate
         async def reloaded() -> bool:
             return (await gateway.config_dump())["stateGeneration"] >= 2
 
-        await eventually(reloaded, what="the gateway to load the new state")
+        await eventually(reloaded, "the gateway to load the new state", SETTLE)
         for _ in range(3):
             assert await echo_once(connector, gateway, f"{SERVER}:80", expected) == server_identity("server-b")
         assert (a.streams_seen, b.streams_seen) == (1, 3)
@@ -664,7 +649,7 @@ async def test_sigterm_lets_an_open_stream_finish_then_exits_zero(
         async def goaway_seen() -> bool:
             return not outer_conns[0].usable
 
-        await eventually(goaway_seen, what="the gateway's GOAWAY")
+        await eventually(goaway_seen, "the gateway's GOAWAY", SETTLE)
         second = os.urandom(3 << 20)
         writer.write(second)
         writer.write_eof()

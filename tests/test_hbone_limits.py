@@ -26,6 +26,7 @@ from hbone.tunnel import Tunnel
 from tests.support.apps import TcpApp, TunnelServer
 from tests.support.pki import TestPki, ident
 from tests.support.rawpeer import HEADERS, WAIT, RawPeer, bounded, frame
+from tests.support.waiting import eventually
 
 SERVER = ident("server")
 CLIENT = ident("client")
@@ -75,16 +76,6 @@ class PausingServer(TunnelServer):
     def connection(self) -> HboneConnection:
         (conn,) = self.server.connections
         return conn
-
-
-async def until(cond: Any, what: str, timeout: float = WAIT) -> None:
-    """Wait for a condition on the server's side, which no frame reports."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def peer_for(pki: TestPki, server: TunnelServer, **kwargs: Any) -> RawPeer:
@@ -159,7 +150,7 @@ async def test_a_stream_that_ends_unread_gives_its_bytes_back_to_the_connection(
             elif end == "peer_connect_error":
                 assert not consumer.data and len(consumer.lost) == 1 and isinstance(consumer.lost[0], StreamReset)
             else:  # we ended it: nothing more reaches the consumer but connection_lost, even while it is paused
-                await until(lambda consumer=consumer: consumer.lost, "connection_lost")
+                await eventually(lambda consumer=consumer: consumer.lost, "connection_lost", WAIT)
                 assert not consumer.data and not consumer.eof and consumer.lost == [None]
         # Not one byte was acknowledged twice.
         assert window.current_window_size + window._bytes_processed == 1 * MiB
@@ -376,7 +367,7 @@ async def test_a_clean_stream_end_closes_the_application_side(pki, end) -> None:
                 assert not srv.relays[-1].done.done()
                 return
             rst(peer, sid, ErrorCodes.NO_ERROR if end == "no_error_after_200" else ErrorCodes.CANCEL)
-        await until(lambda: srv.relays, "the relay")
+        await eventually(lambda: srv.relays, "the relay", WAIT)
         result = await asyncio.wait_for(srv.relays[-1].done, WAIT)
         assert result.error is None and result.a_to_b == len(sent)
         assert await asyncio.wait_for(got, WAIT) == sent

@@ -7,6 +7,7 @@ import struct
 
 import pytest
 
+from tests.support.waiting import eventually
 from ztunnel_py.socks5 import (
     COMMAND_NOT_SUPPORTED,
     Socks5Error,
@@ -111,10 +112,7 @@ async def test_negotiation_has_a_deadline() -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"\x05\x01\x00\x05\x01\x00\x03\x04echo\x00\x50")
     assert await reader.readexactly(2) == b"\x05\x00"
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 10
-    while not got and loop.time() < deadline:
-        await asyncio.sleep(0.01)
+    await eventually(lambda: got, "the request is handed over")
     assert got == [Socks5Request("echo", 80, True)]
     writer.close()
     server.close()

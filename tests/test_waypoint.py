@@ -20,6 +20,7 @@ from mesh.settings import WorkloadInfo
 from mesh.state import MeshState
 from tests.support.http_clients import H2Client, Http1Client, open_tunnel
 from tests.support.pki import TestPki
+from tests.support.waiting import eventually
 from tests.support.waypoint_mesh import (
     CLIENT_ID,
     CLIENT_IP,
@@ -32,7 +33,7 @@ from tests.support.waypoint_mesh import (
     custom_upstream,
     fqdn,
 )
-from tests.support.waypoint_proc import WaypointProcess, eventually, series, total
+from tests.support.waypoint_proc import WaypointProcess, series, total
 from waypoint_py.destination import resolve
 from waypoint_py.http_types import RequestHead
 from waypoint_py.routes import NoRoute, decide

@@ -19,8 +19,9 @@ from h2.errors import ErrorCodes
 from tests.support.http_clients import H2Client, Http1Client, grpc_calls, open_tunnel
 from tests.support.pki import TestPki
 from tests.support.standins import FakeWriter, H2App, reader_with
+from tests.support.waiting import eventually
 from tests.support.waypoint_mesh import CLIENT_ID, WAYPOINT_ID, Endpoints, Topology, custom_upstream, fqdn
-from tests.support.waypoint_proc import WaypointProcess, eventually, series, total
+from tests.support.waypoint_proc import WaypointProcess, series, total
 from waypoint_py.h1_server import Http1Exchange, Http1Session
 
 MiB = 1 << 20
@@ -120,8 +121,7 @@ async def test_sigterm_lets_the_request_in_flight_finish(pki: TestPki, topo: Top
         await client.writer.drain()
         await asyncio.sleep(0)  # let the first half reach the waypoint's loop
         exit_status = asyncio.create_task(asyncio.to_thread(proc.terminate))
-        while "draining" not in proc.log():
-            await asyncio.sleep(0.02)
+        await eventually(lambda: "draining" in proc.log(), "the waypoint starts draining")
         client.writer.write(client.conn.send(h11.Data(data=second)))
         client.writer.write(client.conn.send(h11.EndOfMessage()))
         resp = await client.read_response()

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from certs import make_mesh_pki
-from tests.support.daemons import Daemon, metric_samples, run_curl, start_app
+from tests.support.daemons import Daemon, metric_samples, run_curl, start_app, ztunnel_env
 from tests.support.netns import namespace, sh
 from topology.netns import netns_unavailable_reason
 
@@ -83,17 +83,7 @@ async def test_iptables_redirect_is_captured_and_tunnelled(tmp_path: Path) -> No
         daemons = []
         try:
             for node, ip, outbound in (("node1", Z1, "0.0.0.0:15001"), ("node2", Z2, "off")):
-                env = {
-                    "NODE_NAME": node,
-                    "CLUSTER_ID": "cluster1",
-                    "LOCAL_XDS_PATH": str(path),
-                    "CA_CERTS_DIR": str(pki["cluster1"]),
-                    "SOCKS5_ADDR": "off",
-                    "OUTBOUND_ADDR": outbound,
-                    "STATS_ADDR": f"{ip}:15020",
-                    "READINESS_ADDR": f"{ip}:15021",
-                    "ADMIN_ADDR": f"{ip}:15000",
-                }
+                env = ztunnel_env(ip, path, pki["cluster1"], NODE_NAME=node, SOCKS5_ADDR="off", OUTBOUND_ADDR=outbound)
                 daemon = Daemon("ztunnel_py", env, tmp_path / f"{node}.log", f"{ip}:15021", prefix=prefix)
                 daemons.append(daemon.start())
             await asyncio.gather(*(d.wait_ready() for d in daemons))

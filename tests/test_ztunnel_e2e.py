@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from certs import make_mesh_pki
-from tests.support.daemons import Daemon, metric_samples, run_curl, scrape, start_app
+from tests.support.daemons import Daemon, metric_samples, run_curl, scrape, start_app, ztunnel_env
 from topology.app import pattern_sha256
 
 SLEEP_IP, ECHO_IP, VIP = "127.11.1.10", "127.11.2.10", "127.11.9.1"
@@ -74,18 +74,7 @@ async def mesh(tmp_path: Path):
     app = await start_app("echo-1", ECHO_IP, 8080, tmp_path / "app.log")
     daemons = []
     for node, ip in (("node1", Z1), ("node2", Z2)):
-        env = {
-            "NODE_NAME": node,
-            "CLUSTER_ID": "cluster1",
-            "LOCAL_XDS_PATH": str(config),
-            "CA_CERTS_DIR": str(pki["cluster1"]),
-            "SOCKS5_ADDR": f"{ip}:15080",
-            "OUTBOUND_ADDR": "off",
-            "STATS_ADDR": f"{ip}:15020",
-            "READINESS_ADDR": f"{ip}:15021",
-            "ADMIN_ADDR": f"{ip}:15000",
-            "DRAIN_DEADLINE": "5s",
-        }
+        env = ztunnel_env(ip, config, pki["cluster1"], NODE_NAME=node, DRAIN_DEADLINE="5s")
         daemons.append(Daemon("ztunnel_py", env, tmp_path / f"ztunnel-{node}.log", f"{ip}:15021").start())
     try:
         await asyncio.gather(*(d.wait_ready() for d in daemons))

@@ -15,7 +15,7 @@ import yaml
 
 from mesh.config import ConfigError, parse_config
 from tests.support.apps import TcpApp
-from tests.support.daemons import Daemon
+from tests.support.daemons import Daemon, ztunnel_env
 from tests.support.pki import TestPki, ident
 from tests.support.rawh2 import RawH2Client
 from tests.support.standins import StandInHbone
@@ -75,19 +75,9 @@ async def named_app(name: bytes, host: str, port: int) -> TcpApp:
 async def ztunnel(tmp_path: Path, pki: TestPki):
     config = tmp_path / "mesh.yaml"
     config.write_text(yaml.safe_dump(mesh_config()))
-    env = {
-        "NODE_NAME": "node1",
-        "NETWORK": "network1",
-        "CLUSTER_ID": "cluster1",
-        "LOCAL_XDS_PATH": str(config),
-        "CA_CERTS_DIR": str(pki.paths["cluster1"]),
-        "SOCKS5_ADDR": f"{Z}:{SOCKS_PORT}",
-        "OUTBOUND_ADDR": "OFF",  # any case
-        "INBOUND_PLAINTEXT_ADDR": "off",
-        "STATS_ADDR": f"{Z}:15020",
-        "READINESS_ADDR": f"{Z}:15021",
-        "ADMIN_ADDR": f"{Z}:15000",
-    }
+    # OUTBOUND_ADDR "OFF": `off` is taken in any case.
+    env = ztunnel_env(Z, config, pki.paths["cluster1"], NETWORK="network1", SOCKS5_ADDR=f"{Z}:{SOCKS_PORT}",
+                      OUTBOUND_ADDR="OFF", INBOUND_PLAINTEXT_ADDR="off")  # fmt: skip
     daemon = Daemon("ztunnel_py", env, tmp_path / "ztunnel.log", f"{Z}:15021").start()
     try:
         await daemon.wait_ready()

@@ -10,7 +10,6 @@ import os
 import socket
 import struct
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import h2.errors
@@ -18,9 +17,10 @@ import h2.events
 import pytest
 import yaml
 
-from tests.support.daemons import Daemon
+from tests.support.daemons import Daemon, ztunnel_env
 from tests.support.pki import TestPki, ident
 from tests.support.rawh2 import RawH2Client
+from tests.support.waiting import eventually
 
 Z, SLEEP_IP, ECHO_IP, OUTSIDE_IP = "127.14.1.1", "127.14.1.10", "127.14.1.20", "127.14.1.99"
 SOCKS, CAPTURE, PLAINTEXT = 15080, 15001, 15006
@@ -39,34 +39,15 @@ def workload(name: str, ip: str) -> dict:
 async def ztunnel(tmp_path: Path, pki: TestPki):
     config = tmp_path / "mesh.yaml"
     config.write_text(yaml.safe_dump({"workloads": [workload("sleep-1", SLEEP_IP), workload("echo-1", ECHO_IP)]}))
-    env = {
-        "NODE_NAME": "node1",
-        "NETWORK": "network1",
-        "CLUSTER_ID": "cluster1",
-        "LOCAL_XDS_PATH": str(config),
-        "CA_CERTS_DIR": str(pki.paths["cluster1"]),
-        "SOCKS5_ADDR": f"{Z}:{SOCKS}",
-        "OUTBOUND_ADDR": f"{Z}:{CAPTURE}",
-        "INBOUND_PLAINTEXT_ADDR": f"{Z}:{PLAINTEXT}",
-        "STATS_ADDR": f"{Z}:15020",
-        "READINESS_ADDR": f"{Z}:15021",
-        "ADMIN_ADDR": f"{Z}:15000",
-        "LOG_LEVEL": "debug",
-    }
+    env = ztunnel_env(Z, config, pki.paths["cluster1"], NETWORK="network1", SOCKS5_ADDR=f"{Z}:{SOCKS}",
+                      OUTBOUND_ADDR=f"{Z}:{CAPTURE}", INBOUND_PLAINTEXT_ADDR=f"{Z}:{PLAINTEXT}",
+                      LOG_LEVEL="debug")  # fmt: skip
     daemon = Daemon("ztunnel_py", env, tmp_path / "ztunnel.log", f"{Z}:15021").start()
     try:
         await daemon.wait_ready()
         yield daemon
     finally:
         daemon.stop()
-
-
-async def until(check: Callable[[], bool], what: str) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + DEADLINE
-    while not check():
-        assert loop.time() < end, f"not within {DEADLINE:g}s: {what}"
-        await asyncio.sleep(0.02)
 
 
 def open_fds(daemon: Daemon) -> int:
@@ -120,7 +101,7 @@ async def test_clients_that_reset_at_once_cost_nothing(ztunnel: Daemon) -> None:
     request = socks_connect(socket.inet_aton(OUTSIDE_IP), closed_port(OUTSIDE_IP), atyp=1)
     for port, payload in ((CAPTURE, b""), (PLAINTEXT, b""), (SOCKS, request), (SOCKS, b"\x05\x01\x00")):
         await asyncio.to_thread(lambda: [connect_and_reset(port, payload) for _ in range(200)])  # noqa: B023
-    await until(lambda: open_fds(ztunnel) <= baseline, f"ztunnel is back to {baseline} descriptors")
+    await eventually(lambda: open_fds(ztunnel) <= baseline, f"ztunnel is back to {baseline} descriptors", DEADLINE)
     assert not [t for t in TROUBLE if t in ztunnel.logs()], ztunnel.logs()[-3000:]
     # And it still serves: a SOCKS5 client gets its answer.
     assert await socks_reply(socks_connect(socket.inet_aton(OUTSIDE_IP), closed_port(OUTSIDE_IP), atyp=1)) == 5
@@ -146,7 +127,7 @@ async def test_connect_reset_while_the_application_is_dialled(ztunnel: Daemon, p
         sid = client.conn.get_next_available_stream_id()
         client.conn.send_headers(sid, [(b":method", b"CONNECT"), (b":authority", f"{ECHO_IP}:{APP_PORT}".encode())])
         client.writer.write(client.conn.data_to_send())
-        await until(lambda: syn_sent_to(ECHO_IP, APP_PORT), "ztunnel dials the application")
+        await eventually(lambda: syn_sent_to(ECHO_IP, APP_PORT), "ztunnel dials the application", DEADLINE)
 
         client.conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
         client.conn.ping(b"resetnow")  # answered only once ztunnel has read the reset before it
@@ -159,8 +140,8 @@ async def test_connect_reset_while_the_application_is_dialled(ztunnel: Daemon, p
 
         queued, _ = app.accept()  # room for ztunnel's next SYN
         queued.close()
-        await until(lambda: "the client went away while the application was dialled" in ztunnel.logs(),
-                    "the connection is logged as ended by the client")  # fmt: skip
+        await eventually(lambda: "the client went away while the application was dialled" in ztunnel.logs(),
+                         "the connection is logged as ended by the client", DEADLINE)  # fmt: skip
         app.settimeout(DEADLINE)
         dialled, _ = await asyncio.to_thread(app.accept)
         dialled.settimeout(DEADLINE)
@@ -198,7 +179,7 @@ async def test_debug_logging_never_shows_request_headers(ztunnel: Daemon, pki: T
 async def test_control_characters_are_escaped_in_the_log(ztunnel: Daemon) -> None:
     host = b"evil\r\n\x00\x1b[2J.example"
     assert await socks_reply(socks_connect(host, 80)) == 4  # no route: host unreachable
-    await until(lambda: "evil" in ztunnel.logs(), "the refusal is logged")
+    await eventually(lambda: "evil" in ztunnel.logs(), "the refusal is logged", DEADLINE)
     raw = ztunnel.log_path.read_bytes()
     assert not any(c in raw for c in (b"\r", b"\x00", b"\x1b")), raw[-2000:]
     assert "evil\\r\\n\\x00\\x1b[2J.example" in ztunnel.logs()

@@ -81,6 +81,24 @@ class Daemon:
         return self.proc.returncode
 
 
+def ztunnel_env(ip: str, config: Path, ca_dir: Path, **overrides: str) -> dict[str, str]:
+    """The environment of a shared-mode `ztunnel_py` for node1 of cluster1, listening on `ip`: SOCKS5 on 15080,
+    capture off, stats, readiness and admin on Istio's ports. `overrides` (e.g. NETWORK="network1") add settings
+    or replace these."""
+    return {
+        "NODE_NAME": "node1",
+        "CLUSTER_ID": "cluster1",
+        "LOCAL_XDS_PATH": str(config),
+        "CA_CERTS_DIR": str(ca_dir),
+        "SOCKS5_ADDR": f"{ip}:15080",
+        "OUTBOUND_ADDR": "off",
+        "STATS_ADDR": f"{ip}:15020",
+        "READINESS_ADDR": f"{ip}:15021",
+        "ADMIN_ADDR": f"{ip}:15000",
+        **overrides,
+    }
+
+
 def http_get(url: str, timeout: float = 5.0) -> str:
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         return resp.read().decode()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import socket
@@ -11,7 +10,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,13 +116,3 @@ def total(samples: list[Sample], name: str, **labels: str) -> float:
 
 def series(samples: list[Sample], name: str, **labels: str) -> list[Sample]:
     return [s for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
-
-
-async def eventually(check: Callable[[], bool], what: str, deadline: float = 10.0) -> None:
-    """Wait until `check()` holds (for what the waypoint does after the client has its answer, such as a metric
-    of a request the client gave up on); fail, saying `what` was awaited, after `deadline` seconds."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + deadline
-    while not check():
-        assert loop.time() < end, f"not within {deadline:g}s: {what}"
-        await asyncio.sleep(0.02)
