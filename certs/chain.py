@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from hbone.identity import Identity, IdentityError
+from hbone.identity import Identity, IdentityError, certificate_identity
 
 
 class ChainError(ValueError):
@@ -81,14 +81,11 @@ def uri_sans(cert: x509.Certificate) -> list[str]:
 
 
 def spiffe_identity(cert: x509.Certificate) -> Identity:
-    """The workload identity of a leaf: its one URI SAN, which must be a SPIFFE id."""
-    uris = uri_sans(cert)
-    if len(uris) != 1:
-        raise ChainError(f"the workload certificate must have exactly one URI SAN, found {len(uris)}: {uris}")
+    """The workload identity of a leaf, by the same rule peers are checked with (`hbone.identity`)."""
     try:
-        return Identity.parse(uris[0])
+        return certificate_identity(cert)
     except IdentityError as exc:
-        raise ChainError(f"the certificate's URI SAN is not a workload identity: {exc}") from None
+        raise ChainError(f"not a workload certificate: {exc}") from None
 
 
 def is_ca(cert: x509.Certificate) -> bool:

@@ -18,6 +18,8 @@ CERT_CHAIN = "cert-chain.pem"  # the intermediate then the root, as Istio's plug
 # A workload folder (written by `certs workload`): CERT_CHAIN is the leaf then intermediates, no root.
 WORKLOAD_KEY = "key.pem"
 
-# Private keys are readable by their owner only; certificates are public.
+# Private keys are readable by their owner only; certificates are public. Folders we create are the owner's
+# only: a folder holds keys, and whoever can write to it can swap them.
 KEY_MODE = 0o600
 CERT_MODE = 0o644
+FOLDER_MODE = 0o700

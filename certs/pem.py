@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from certs.errors import CertError
-from certs.layout import CERT_MODE, KEY_MODE
+from certs.layout import CERT_MODE, FOLDER_MODE, KEY_MODE
 
 # Keys we can sign with: our own are ECDSA P-256, but Istio's sample plug-in CAs use RSA, and loading
 # those lets our daemons join a mesh whose CA was made with Istio's tools.
@@ -83,26 +85,69 @@ def key_matches(key: PrivateKey, cert: x509.Certificate) -> bool:
 
 
 def ensure_folder(path: Path) -> None:
+    """Create `path` and its missing parents as private folders (0700, whatever the umask).
+
+    A folder that already exists is left as it is: its mode is its owner's choice, and `write_file` refuses
+    to put a private key where anyone else could write.
+    """
+    missing = []
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
     try:
-        path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise CertError(f"{path}: exists and is not a folder") from None
+        for folder in reversed(missing):
+            try:
+                os.mkdir(folder, FOLDER_MODE)
+            except FileExistsError:
+                continue  # made meanwhile by someone else: not ours to change
+            # mkdir's mode went through the umask; set it exactly, on the folder we made (never a symlink
+            # swapped in since).
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            try:
+                os.fchmod(fd, FOLDER_MODE)
+            finally:
+                os.close(fd)
     except OSError as exc:
         raise CertError(f"{path}: cannot create folder: {exc.strerror or exc}") from None
+    if not path.is_dir():
+        raise CertError(f"{path}: exists and is not a folder")
+
+
+def _refuse_shared_folder(path: Path) -> None:
+    """A private key goes only where nobody but the folder's owner can write: anyone who can write there
+    can replace the key (or plant the file it is written through) and so own it."""
+    folder = path.parent
+    try:
+        mode = os.stat(folder).st_mode
+    except OSError as exc:
+        raise CertError(f"{path}: cannot write: {folder}: {exc.strerror or exc}") from None
+    writers = [who for who, bit in (("its group", stat.S_IWGRP), ("all users", stat.S_IWOTH)) if mode & bit]
+    if writers:
+        raise CertError(
+            f"{folder}: refusing to write the private key {path.name} into a folder writable by "
+            f"{' and '.join(writers)} (mode {stat.S_IMODE(mode):04o}); use a private folder or `chmod go-w {folder}`"
+        )
 
 
 def write_file(path: Path, data: bytes, *, private: bool = False) -> None:
     """Write atomically (temp file then rename) so a watcher never reads a half-written file.
 
-    The mode is set on the open descriptor, so a private key is never readable by others, not even
-    for an instant and not under a permissive umask.
+    The temp file is created new (O_EXCL, never following a symlink, 0600) under an unpredictable name in
+    the target folder, so nobody can plant it beforehand; its final mode is set on the open descriptor, so a
+    private key is never readable by others, not even for an instant and not under a permissive umask.
     """
     mode = KEY_MODE if private else CERT_MODE
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    if private:
+        _refuse_shared_folder(path)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise CertError(f"{path}: cannot write: {exc.strerror or exc}") from None
+    tmp = Path(name)
+    try:
         with os.fdopen(fd, "wb") as handle:
-            os.fchmod(fd, mode)
+            os.fchmod(handle.fileno(), mode)
             handle.write(data)
         os.replace(tmp, path)
     except OSError as exc:

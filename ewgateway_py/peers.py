@@ -6,7 +6,6 @@ the inner CONNECT (it is inside the inner TLS session), so nothing here is deriv
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 from hbone import baggage
@@ -37,8 +36,7 @@ class SourceLabeller:
             result = baggage.parse(baggage_values)
             self.baggage_metrics.record(result)
             if result.baggage != baggage.EMPTY:
-                labels = PeerLabels.of_baggage(result.baggage, principal=identity)
-                return dataclasses.replace(labels, namespace=identity.namespace)
+                return PeerLabels.of_peer_baggage(result.baggage, identity)
         # Without baggage, a peer from another network is its verified identity and nothing more (SPEC §4.3:
         # its labels are `unknown`), as ztunnel and the waypoint report it.
         return PeerLabels(principal=str(identity))

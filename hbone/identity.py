@@ -1,15 +1,30 @@
-"""SPIFFE identities as Istio writes them: spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>."""
+"""SPIFFE identities as Istio writes them: spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>.
+
+One definition of a valid id and of the identity a certificate carries, used for our own certificates
+(`certs`) and for every peer (`hbone.tls`), so what we issue and what we accept cannot drift apart.
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+from cryptography import x509
 
 SPIFFE_PREFIX = "spiffe://"
 DEFAULT_TRUST_DOMAIN = "cluster.local"
+MAX_ID_LENGTH = 2048  # SPIFFE-ID §2.3
+MAX_TRUST_DOMAIN_LENGTH = 255  # SPIFFE-ID §2.1
+
+# SPIFFE-ID §2: a trust domain is lowercase letters, digits, '.', '-' and '_'; a path segment may add
+# uppercase letters and is never '.' or '..'. So no percent-encoding, query, fragment, port or user info:
+# ids are compared as strings, and one name must have exactly one spelling.
+_TRUST_DOMAIN = re.compile(r"[a-z0-9._-]+")
+_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
 
 
 class IdentityError(ValueError):
-    """A string that is not an Istio SPIFFE identity."""
+    """A string that is not an Istio SPIFFE identity, or a certificate that does not carry exactly one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,15 +35,25 @@ class Identity:
 
     @classmethod
     def parse(cls, text: str) -> Identity:
-        """Parse `spiffe://td/ns/NS/sa/SA`; anything else raises IdentityError saying why."""
+        """Parse `spiffe://td/ns/NS/sa/SA` strictly; anything else raises IdentityError saying why."""
         if not text.startswith(SPIFFE_PREFIX):
             raise IdentityError(f"{text!r} is not a SPIFFE id: it must start with {SPIFFE_PREFIX!r}")
+        if len(text) > MAX_ID_LENGTH:
+            raise IdentityError(f"SPIFFE id of {len(text)} characters is longer than {MAX_ID_LENGTH}")
         parts = text[len(SPIFFE_PREFIX) :].split("/")
         if len(parts) != 5 or parts[1] != "ns" or parts[3] != "sa":
             raise IdentityError(f"{text!r} is not of the form spiffe://<trust-domain>/ns/<namespace>/sa/<sa>")
         trust_domain, _, namespace, _, service_account = parts
         if not trust_domain or not namespace or not service_account:
             raise IdentityError(f"{text!r} has an empty trust domain, namespace or service account")
+        if len(trust_domain) > MAX_TRUST_DOMAIN_LENGTH or not _TRUST_DOMAIN.fullmatch(trust_domain):
+            raise IdentityError(f"{text!r}: the trust domain may only hold lowercase letters, digits, '.', '-' and '_'")
+        for segment in (namespace, service_account):
+            if segment in (".", "..") or not _SEGMENT.fullmatch(segment):
+                raise IdentityError(
+                    f"{text!r}: a namespace or service account may only hold letters, digits, '.', '-' and '_'"
+                    " (no percent-encoding, query or fragment)"
+                )
         return cls(trust_domain, namespace, service_account)
 
     @classmethod
@@ -42,3 +67,34 @@ class Identity:
 
     def __str__(self) -> str:
         return SPIFFE_PREFIX + self.principal
+
+
+def certificate_identity(cert: x509.Certificate) -> Identity:
+    """The workload identity of a leaf certificate (SPEC §3.1), or IdentityError saying why there is none.
+
+    The leaf must not be a CA, and must carry exactly one URI SAN, a strict SPIFFE id. Taking "the first URI
+    that parses" or "any URI that matches" would let one certificate speak for several identities.
+    """
+    try:
+        extensions = cert.extensions
+        try:
+            ca = extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        except x509.ExtensionNotFound:
+            ca = False
+        try:
+            uris = extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+                x509.UniformResourceIdentifier
+            )
+        except x509.ExtensionNotFound:
+            uris = []
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+        raise IdentityError(f"the certificate's extensions cannot be read: {exc}") from None
+    if ca:
+        raise IdentityError("the certificate is a CA (basicConstraints CA:TRUE), not a workload certificate")
+    if len(uris) != 1:
+        shown = ", ".join(repr(u) for u in uris[:4]) + (", ..." if len(uris) > 4 else "")
+        raise IdentityError(
+            f"the certificate must have exactly one URI SAN (its SPIFFE id), found {len(uris)}"
+            + (f": {shown}" if uris else "")
+        )
+    return Identity.parse(uris[0])

@@ -135,6 +135,17 @@ class PeerLabels:
             zone=b.zone,
         )
 
+    @classmethod
+    def of_peer_baggage(cls, b: Baggage, identity: Identity | None) -> PeerLabels:
+        """Labels of an mTLS peer that describes itself with baggage: it may name its workload, service,
+        cluster and locality, but its namespace is the one its certificate proves, never a claim (a peer in
+        one namespace must not put its traffic in another's series). Without a verified identity there is
+        nothing to pin, and the baggage is all there is."""
+        labels = cls.of_baggage(b, principal=identity)
+        if identity is None:
+            return labels
+        return dataclasses.replace(labels, namespace=identity.namespace)
+
 
 _NO_PEER = PeerLabels()
 

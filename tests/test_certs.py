@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
+import re
 import socket
 import ssl
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,7 @@ from certs import (
     unrelated_ca,
 )
 from hbone.identity import Identity
+from tests.support.pki import TestPki
 
 REPO = Path(__file__).resolve().parents[1]
 PRODUCTPAGE = Identity.parse("spiffe://cluster.local/ns/default/sa/productpage")
@@ -522,3 +527,83 @@ def test_chain_verification_rejects_the_unrelated_root(cli_pki: Path) -> None:
     verifier = PolicyBuilder().store(Store([unrelated_ca().roots[0]])).build_client_verifier()
     with pytest.raises(VerificationError):
         verifier.verify(leaf, [inter])
+
+
+# --- writing keys safely --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def umask(mask: int) -> Iterator[None]:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize("mask", [0o000, 0o022, 0o277], ids=oct)
+def test_new_folders_are_private_whatever_the_umask(tmp_path: Path, mask: int) -> None:
+    out = tmp_path / "mesh" / "pki" / "root"
+    with umask(mask):
+        CertificateAuthority.create_root().write_root(out)
+    for folder in (tmp_path / "mesh", tmp_path / "mesh" / "pki", out):
+        assert mode_of(folder) == 0o700, folder
+    assert mode_of(out / "root-key.pem") == 0o600 and mode_of(out / "root-cert.pem") == 0o644
+
+
+def test_an_existing_folder_keeps_its_mode(tmp_path: Path, ca1: CertificateAuthority) -> None:
+    out = tmp_path / "w"
+    out.mkdir()
+    out.chmod(0o755)
+    ca1.issue(PRODUCTPAGE).write(out)
+    assert mode_of(out) == 0o755
+    assert WorkloadCert.load(out).identity == PRODUCTPAGE
+
+
+@pytest.mark.parametrize(("mode", "who"), [(0o777, "its group and all users"), (0o1777, "its group and all users"),
+                                           (0o775, "its group"), (0o757, "all users")],
+                         ids=["0777", "1777", "0775", "0757"])  # fmt: skip
+def test_a_private_key_is_never_written_into_a_folder_others_can_write(
+    tmp_path: Path, ca1: CertificateAuthority, mode: int, who: str
+) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(mode)
+    for write in (CertificateAuthority.create_root().write_root, ca1.write_cacerts, ca1.issue(PRODUCTPAGE).write):
+        with pytest.raises(CertError, match=rf"^{re.escape(str(shared))}: refusing to write the private key .*{who}"):
+            write(shared)
+    assert sorted(p.name for p in shared.iterdir()) == [], "nothing written, not even a certificate"
+    assert mode_of(shared) == mode & 0o777, "the folder itself is left alone"
+
+
+def test_a_planted_temporary_file_is_not_used(tmp_path: Path) -> None:
+    """The old writer opened `.<name>.<pid>.tmp` with O_CREAT|O_TRUNC: whoever planted that name (a symlink
+    to a file they own, say) received the key. The temporary file must be a fresh, unguessable one."""
+    out = tmp_path / "root"
+    out.mkdir(mode=0o700)
+    bait = tmp_path / "attacker-owned"
+    bait.touch(mode=0o666)
+    planted = out / f".root-key.pem.{os.getpid()}.tmp"
+    planted.symlink_to(bait)
+    CertificateAuthority.create_root().write_root(out)
+    assert bait.stat().st_size == 0, "the key went through the planted file"
+    key = out / "root-key.pem"
+    assert not key.is_symlink() and key.is_file() and mode_of(key) == 0o600
+    assert planted.is_symlink(), "the planted name is not ours to touch"
+    assert CertificateAuthority.load_root(out).is_root
+    assert sorted(p.name for p in out.iterdir()) == sorted([planted.name, "root-cert.pem", "root-key.pem"])
+
+
+# --- one rule for a workload certificate's identity ---------------------------------------------------------
+
+
+def test_our_own_workload_certificate_follows_the_peer_rule(tmp_path: Path, ca1: CertificateAuthority) -> None:
+    """Loading our certificate and checking a peer's use one definition (hbone.identity.certificate_identity):
+    exactly one URI SAN, a strict SPIFFE id, not a CA."""
+    percent = ca1.issue(Identity("cluster.local", "def%61ult", "productpage"))
+    with pytest.raises(CertError, match="no percent-encoding"):
+        WorkloadCert.from_pem(percent.chain_pem, percent.key_pem, percent.root_pem)
+    forger = TestPki(paths={}, cas={"cluster1": ca1})
+    two = forger.forged([str(PRODUCTPAGE), str(REVIEWS)])
+    with pytest.raises(CertError, match="exactly one URI SAN"):
+        WorkloadCert.from_pem(two.chain_pem, two.key_pem, two.root_pem)

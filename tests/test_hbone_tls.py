@@ -14,7 +14,7 @@ from certs import unrelated_ca
 from hbone.client import client_over, dial, open_first_stream
 from hbone.connection import H2Settings
 from hbone.errors import H2HandshakeFailure, TlsFailure, WrongIdentity
-from hbone.identity import Identity
+from hbone.identity import Identity, IdentityError
 from hbone.tls import ALPN, _restrict_tls13_suites, client_context, server_context
 from hbone.tlslayer import Buffered
 from tests.support.apps import TcpApp, TunnelServer, echo, stream_pair
@@ -134,6 +134,84 @@ async def test_client_from_another_trust_domain_is_refused(pki, server, echo_app
         await dial(server.address, pki.client_ctx(outsider), [SERVER])
     assert "not in trust domain 'cluster.local'" in await wait_for_log(caplog, "trust domain")
     await assert_still_serving(pki, server, echo_app)
+
+
+# SPEC §3.1: a workload certificate carries exactly one URI SAN, its SPIFFE id, and is not a CA. Each of
+# these leaves is signed by the real cluster intermediate, so only our check after the handshake stands
+# between it and a connection.
+OTHER = "spiffe://evil.example/ns/kube-system/sa/admin"
+BAD_PEER_LEAVES = [
+    pytest.param({"uris": [OTHER, "{me}"]}, "exactly one URI SAN", id="foreign-uri-first"),
+    pytest.param({"uris": ["{me}", OTHER]}, "exactly one URI SAN", id="foreign-uri-second"),
+    pytest.param({"uris": ["https://example.com/x", "{me}"]}, "exactly one URI SAN", id="non-spiffe-uri-first"),
+    pytest.param(
+        {"uris": ["spiffe://cluster.local/ns/a/sa/b/c", "{me}"]}, "exactly one URI SAN", id="malformed-spiffe-first"
+    ),
+    pytest.param({"uris": ["{me}?x=1"]}, "no percent-encoding, query", id="query"),
+    pytest.param({"uris": ["{me_pct}"]}, "no percent-encoding, query", id="percent-encoded"),
+    pytest.param({"uris": ["{me_upper}"]}, "trust domain may only hold lowercase", id="uppercase-trust-domain"),
+    pytest.param({"uris": ["{me}"], "ca": True}, "is a CA", id="leaf-is-a-ca"),
+]
+
+
+def _forge(pki: TestPki, me: Identity, spec: dict) -> object:
+    spellings = {
+        "me": str(me),
+        "me_pct": str(me).replace("/ns/default/", "/ns/def%61ult/"),
+        "me_upper": str(me).replace("cluster.local", "CLUSTER.LOCAL"),
+    }
+    return pki.forged([u.format(**spellings) for u in spec["uris"]], ca=spec.get("ca", False))
+
+
+@pytest.mark.parametrize(("spec", "reason"), BAD_PEER_LEAVES)
+async def test_client_leaf_breaking_the_one_spiffe_uri_rule_is_refused(
+    pki, server, echo_app, caplog, spec, reason
+) -> None:
+    caplog.set_level(logging.INFO)
+    forged = _forge(pki, CLIENT, spec)
+    with pytest.raises(TlsFailure):
+        await dial(server.address, client_context(forged), [SERVER])
+    log = await wait_for_log(caplog, reason)
+    assert "client certificate refused: " in log and reason in log, log
+    await assert_still_serving(pki, server, echo_app)
+
+
+@pytest.mark.parametrize(("spec", "reason"), BAD_PEER_LEAVES)
+async def test_server_leaf_breaking_the_one_spiffe_uri_rule_is_refused(pki, spec, reason) -> None:
+    forged = _forge(pki, SERVER, spec)
+    srv = await TunnelServer(SERVER, lambda: server_context(forged)).start()
+    try:
+        with pytest.raises(WrongIdentity) as info:
+            await dial(srv.address, pki.client_ctx(CLIENT), [SERVER])
+        assert info.value.flag == "IDENTITY_ERROR"
+        assert "server certificate refused: " in str(info.value) and reason in str(info.value)
+    finally:
+        await srv.close()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "spiffe://cluster.local/ns/default/sa/client?x=1",
+        "spiffe://cluster.local/ns/default/sa/client#frag",
+        "spiffe://cluster.local/ns/def%61ult/sa/client",
+        "spiffe://CLUSTER.LOCAL/ns/default/sa/client",
+        "spiffe://cluster.local:443/ns/default/sa/client",
+        "spiffe://user@cluster.local/ns/default/sa/client",
+        "spiffe://cluster.local/ns/../sa/client",
+        "spiffe://cluster.local/ns/default/sa/cli ent",
+        "spiffe://cluster.local/ns/default/sa/" + "a" * 2048,
+    ],
+)
+def test_identity_parse_is_strict(text: str) -> None:
+    with pytest.raises(IdentityError):
+        Identity.parse(text)
+
+
+def test_identity_parse_takes_what_istio_writes() -> None:
+    assert Identity.parse("spiffe://cluster.local/ns/istio-system/sa/istio-eastwestgateway.v2_x") == Identity(
+        "cluster.local", "istio-system", "istio-eastwestgateway.v2_x"
+    )
 
 
 async def open_at_once(pki: TestPki, address: tuple[str, int], source: Identity, settings: H2Settings | None = None):

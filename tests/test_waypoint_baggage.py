@@ -8,6 +8,7 @@ import re
 
 from hbone.baggage import MAX_HEADER_BYTES, REASON_NOT_ASCII, REASON_TOO_LARGE, parse
 from hbone.client import dial
+from hbone.identity import Identity
 from tests.support.http_clients import Http1Client, open_tunnel
 from tests.support.pki import TestPki
 from tests.support.waypoint_mesh import (
@@ -144,3 +145,21 @@ async def test_refused_response_baggage_counts_as_absent(
     assert (v2["destination_workload"], v2["destination_canonical_revision"]) == ("echo-v2", "v2")
     assert (v1["destination_workload"], v1["destination_canonical_revision"]) == ("echo", "v1")
     assert v2["destination_principal"] == "spiffe://cluster.local/ns/default/sa/echo-v2"
+
+
+async def test_client_baggage_cannot_claim_another_namespace(
+    pki: TestPki, topo: Topology, waypoint: WaypointProcess, endpoints: Endpoints
+) -> None:
+    """Baggage describes the peer, but its namespace is the one its certificate proves (as at the gateway):
+    a workload of `elsewhere` saying `k8s.namespace.name=default` is still counted in `elsewhere`."""
+    stranger = Identity("cluster.local", "elsewhere", "stranger")
+    _, tunnel = await open_tunnel(pki, stranger, waypoint.inbound, WAYPOINT_ID, topo.authority("echo"),
+                                  [("baggage", baggage_of("claims-default"))])  # fmt: skip
+    assert "k8s.namespace.name=default" in baggage_of("claims-default")
+    client = Http1Client(tunnel)
+    assert (await client.request("GET", "/v2/claim", "echo")).status == 200
+    client.close()
+    (s,) = series(waypoint.scrape(), "istio_requests_total", source_workload="claims-default")
+    assert s.labels["source_workload_namespace"] == "elsewhere"
+    assert s.labels["source_principal"] == str(stranger)
+    assert (s.labels["source_canonical_service"], s.labels["source_cluster"]) == ("claims-default", "cluster1")

@@ -102,8 +102,9 @@ class Inbound:
         return handle
 
     def _source(self, tunnel: Tunnel, view: WaypointView, principal: Identity | None, peer_ip: str) -> PeerLabels:
-        """The client's peer labels: its baggage with the flag on, else the local workload with both its
-        verified identity and its IP (a peer from elsewhere stays unknown but for its verified identity)."""
+        """The client's peer labels: its baggage with the flag on (the namespace always its verified identity's),
+        else the local workload with both its verified identity and its IP (a peer from elsewhere stays
+        unknown but for its verified identity)."""
         if self.wp.baggage_enabled:
             values = tunnel.header_values("baggage")
             if values:
@@ -112,7 +113,8 @@ class Inbound:
                 # A header refused whole (not ASCII, over 8 KiB) counts as absent (SPEC §4.2): fall through
                 # to the state as if none had been sent.
                 if result.baggage != EMPTY:
-                    return PeerLabels.of_baggage(result.baggage, principal=principal)
+                    # The peer describes itself, but its namespace is the one its certificate proves.
+                    return PeerLabels.of_peer_baggage(result.baggage, principal)
         if principal is None:
             return PeerLabels()
         via = tunnel.header("x-forwarded-network")

@@ -138,7 +138,8 @@ class Inbound:
 
     def _source_labels(self, call: InboundCall) -> PeerLabels:
         """The source: by IP from the state unless it came through a gateway (that IP is the gateway's);
-        request baggage fills in what the state does not know, when the baggage exchange is on."""
+        request baggage fills in what the state does not know, when the baggage exchange is on (but never the
+        namespace of an mTLS peer: that is its certificate's)."""
         node, principal = self.node, call.source_identity
         if not call.from_gateway:
             known = node.state.workload_by_address(node.ctx.network, call.peer[0])
@@ -149,7 +150,8 @@ class Inbound:
             node.ctx.baggage_metrics.record(parsed)
             if parsed.dropped:
                 log.info("baggage from %s: %d item(s) dropped (%s)", principal, parsed.dropped, parsed.reason)
-            return PeerLabels.of_baggage(parsed.baggage, principal=principal)
+            # The peer describes itself, but its namespace is the one its certificate proves.
+            return PeerLabels.of_peer_baggage(parsed.baggage, principal)
         return PeerLabels(principal=str(principal) if principal else None)
 
     def _authorize(self, call: InboundCall) -> None:
