@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from .connection import HANDSHAKE_TIMED_OUT, H2Settings, HboneConnection
 from .errors import ConnectFailed, H2HandshakeFailure, HboneError, TlsFailure
 from .identity import Identity
-from .tls import check_server, describe_ssl_error
+from .tls import check_server, describe_ssl_error, session_not_after
 from .tlslayer import Buffered, attach, wrap_tls
 from .tunnel import Tunnel
 
@@ -85,8 +85,9 @@ async def client_over(
         # TLS 1.3: our side was done when the server's verdict on our certificate (an alert) came in.
         tls.abort()
         raise TlsFailure(f"{name or 'peer'}: server refused the TLS session: {describe_ssl_error(refusal)}")
+    ssl_object = tls.get_extra_info("ssl_object")
     try:
-        peer = check_server(tls.get_extra_info("ssl_object"), expected)
+        peer = check_server(ssl_object, expected)
     except HboneError as exc:
         tls.abort()
         exc.args = (f"{name or 'peer'}: {exc}",)
@@ -98,6 +99,7 @@ async def client_over(
         peer_identity=peer,
         name=name,
         close_when_idle=close_when_idle,
+        not_after=session_not_after(context, ssl_object),
     )
     attach(tls, placeholder, conn)
     if wait_for_settings:

@@ -2,7 +2,8 @@
 
 It runs over any asyncio Transport that carries bytes in order: a TLS socket, or a TLS session inside
 another tunnel (double HBONE). The `h2` state machine owns the protocol rules; this class moves bytes,
-keeps timers (handshake, PING keepalive, drain deadline) and maps events to `Tunnel` streams.
+keeps timers (handshake, PING keepalive, certificate expiry, drain deadline) and maps events to `Tunnel`
+streams.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ HANDSHAKE_TIMED_OUT = "HTTP/2 handshake timed out"  # the close reason when no S
 # read while our writes to it are paused; past that it is flooding us (Go's HTTP/2 server allows as many).
 MAX_QUEUED_CONTROL_FRAMES = 10_000
 GOAWAY_GRACE = 1.0  # seconds a peer we end for flooding gets to read its GOAWAY before the socket is cut
+# The certificate-expiry timer runs on the loop's monotonic clock while notAfter is wall-clock time: it wakes at
+# least this often to compare with the wall clock again (which may have been stepped, or the host suspended),
+# and so is never handed the years until a distant notAfter (uvloop overflows on huge delays).
+EXPIRY_RECHECK = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,8 +81,11 @@ class HboneConnection(asyncio.Protocol):
         peer_identity: Identity | None = None,
         name: str = "",
         close_when_idle: bool = False,
+        not_after: float | None = None,
     ) -> None:
         self.client = client
+        # When the earlier of the two certificates (ours, the peer's) expires, Unix time (`tls.session_not_after`).
+        self.not_after = not_after
         # An unpooled connection (double HBONE's inner one) ends with its last stream.
         self.close_when_idle = close_when_idle
         self.settings = settings or H2Settings()
@@ -110,6 +118,7 @@ class HboneConnection(asyncio.Protocol):
         self.ready: asyncio.Future[None] = self._loop.create_future()
         self.closed: asyncio.Future[None] = self._loop.create_future()
         self._handshake_timer: asyncio.TimerHandle | None = None
+        self._expiry_timer: asyncio.TimerHandle | None = None
         self._ping_timer: asyncio.TimerHandle | None = None
         self._ping_sent_at: float | None = None
         self._ping_payload = b""  # random per PING: only the peer that read it can answer it
@@ -145,6 +154,8 @@ class HboneConnection(asyncio.Protocol):
         self._flush()
         self._handshake_timer = self._loop.call_later(s.handshake_timeout, self._handshake_timeout)
         self._schedule_ping()
+        if self.not_after is not None:
+            self._check_expiry()
 
     def data_received(self, data: bytes) -> None:
         """h2's `receive_data`, frame by frame, with plain DATA frames on open streams accounted for by
@@ -573,6 +584,25 @@ class HboneConnection(asyncio.Protocol):
             self._handshake_timer.cancel()
             self._handshake_timer = None
 
+    def _check_expiry(self) -> None:
+        """Drain when the earlier of the two certificates expires; until then, wake up now and then (see
+        EXPIRY_RECHECK). TLS checked both certificates only at the handshake, and past notAfter the identity on
+        either side is no longer vouched for: a workload whose certificate is not renewed (revoked in effect,
+        or its key leaked) could otherwise keep a connection and open new streams on it for ever. So no stream
+        starts on a connection past that expiry; the streams already open go on (a TCP connection through the
+        mesh is not cut because a certificate lapsed under it, as with any TLS session). It also bounds how long
+        a client pool keeps using a connection made with a certificate that has since been renewed."""
+        self._expiry_timer = None
+        if self._closed or self.not_after is None:
+            return
+        remaining = self.not_after - time.time()
+        if remaining > 0:
+            self._expiry_timer = self._loop.call_later(min(remaining, EXPIRY_RECHECK), self._check_expiry)
+            return
+        log.info("HBONE connection %s: a certificate expired (notAfter %s); draining", self.peer_name,
+                 time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.not_after)))
+        self.drain()
+
     def drain(self) -> None:
         """Graceful drain: GOAWAY, no new streams; open streams go on; the connection closes when idle."""
         if self._draining or self._closed:
@@ -630,6 +660,9 @@ class HboneConnection(asyncio.Protocol):
         self._cancel_handshake_timer()
         if self._ping_timer is not None:
             self._ping_timer.cancel()
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
         if not self.ready.done():
             self.ready.set_exception(H2HandshakeFailure(f"HTTP/2 handshake failed: {reason}"))
             self.ready.exception()  # mark retrieved: a failed dial reports it elsewhere

@@ -2,7 +2,9 @@
 
 Streams with the same key share one HTTP/2 connection up to the stream limit, then another connection
 opens. Only one dial per key runs at a time; callers that arrive meanwhile wait for it and use it, or get
-its error. Connections idle longer than the release timeout are closed.
+its error. Connections idle longer than the release timeout are closed. A connection that drains (a GOAWAY
+either way, or the earlier of its two certificates expiring, see `HboneConnection._check_expiry`) takes no
+new streams, so the next caller dials a fresh one, with the certificate in force by then.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from .authority import BadAuthority, parse_authority
 from .connection import H2Settings, HboneConnection, StreamHandler
 from .errors import HboneError
 from .identity import Identity
-from .tls import check_client, describe_ssl_error
+from .tls import check_client, describe_ssl_error, session_not_after
 from .tlslayer import Buffered, attach, wrap_tls
 from .tunnel import Tunnel
 
@@ -102,7 +102,8 @@ class HboneServer:
             raw, _ = await loop.connect_accepted_socket(Buffered, sock)
             tls, placeholder = await wrap_tls(raw, chosen.context, server_side=True,
                                               timeout=self.settings.handshake_timeout)
-            client = check_client(tls.get_extra_info("ssl_object"), chosen.identity.trust_domain)
+            ssl_object = tls.get_extra_info("ssl_object")
+            client = check_client(ssl_object, chosen.identity.trust_domain)
         except HboneError as exc:
             self._refuse(sock, local, peer, where, str(exc), tls)
             return
@@ -116,6 +117,7 @@ class HboneServer:
             local_identity=chosen.identity,
             peer_identity=client,
             name=where,
+            not_after=session_not_after(chosen.context, ssl_object),
         )
         self.connections.add(conn)
         conn.closed.add_done_callback(lambda _: self.connections.discard(conn))

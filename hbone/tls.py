@@ -2,8 +2,8 @@
 
 TLS 1.3 only, AES-GCM suites only, ALPN `h2`, no resumption, no SNI from the client. Python's `ssl` has no
 hook inside certificate verification, so OpenSSL checks the chain and validity during the handshake and we
-check the SPIFFE identity (client: expected identities; server: trust domain) immediately after it, before a
-single HTTP/2 byte is exchanged.
+check the peer's leaf (one URI SAN, a strict SPIFFE id, not a CA) and its identity (client: expected
+identities; server: trust domain) immediately after it, before a single HTTP/2 byte is exchanged.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ import tempfile
 from collections.abc import Iterable
 from typing import Protocol
 
+from cryptography import x509
+
 from .errors import TlsFailure, WrongIdentity
-from .identity import Identity, IdentityError
+from .identity import Identity, IdentityError, certificate_identity
 
 log = logging.getLogger("hbone.tls")
 
@@ -88,6 +90,7 @@ def _base_context(purpose: int, creds: Credentials) -> ssl.SSLContext:
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_verify_locations(cadata=creds.root_pem.decode("ascii"))
     _load_chain(ctx, creds)
+    _remember_not_after(ctx, creds.chain_pem)
     return ctx
 
 
@@ -105,19 +108,21 @@ def client_context(creds: Credentials) -> ssl.SSLContext:
     return ctx
 
 
-def peer_identities(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> list[Identity]:
-    """All SPIFFE identities among the verified peer certificate's URI SANs."""
-    cert = ssl_object.getpeercert()
-    if not cert:
-        return []
-    found = []
-    for kind, value in cert.get("subjectAltName", ()):
-        if kind == "URI":
-            try:
-                found.append(Identity.parse(value))
-            except IdentityError:
-                continue
-    return found
+def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket, side: str) -> Identity:
+    """The workload identity of the verified peer certificate, or WrongIdentity saying why it has none.
+
+    OpenSSL has checked the chain and validity; the rule for the leaf itself (exactly one URI SAN, a strict
+    SPIFFE id, not a CA) is `certificate_identity`, the same one our own certificates are loaded with.
+    """
+    der = ssl_object.getpeercert(binary_form=True)
+    if not der:
+        raise WrongIdentity(f"{side} presented no certificate")
+    try:
+        return certificate_identity(x509.load_der_x509_certificate(der))
+    except IdentityError as exc:
+        raise WrongIdentity(f"{side} certificate refused: {exc}") from None
+    except ValueError as exc:
+        raise WrongIdentity(f"{side} certificate cannot be parsed: {exc}") from None
 
 
 def check_session(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> None:
@@ -134,26 +139,21 @@ def check_session(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> None:
 
 
 def check_server(ssl_object: ssl.SSLObject | ssl.SSLSocket, expected: Iterable[Identity]) -> Identity:
-    """Client side: accept the server only if one of its URI SANs is one of the expected identities."""
+    """Client side: accept the server only if its one SPIFFE identity is one of the expected identities."""
     check_session(ssl_object)
+    ident = peer_identity(ssl_object, "server")
     wanted = set(expected)
-    presented = peer_identities(ssl_object)
-    for ident in presented:
-        if ident in wanted:
-            return ident
+    if ident in wanted:
+        return ident
     names = ", ".join(sorted(str(i) for i in wanted)) or "(none)"
-    got = ", ".join(str(i) for i in presented) or "no SPIFFE identity"
-    raise WrongIdentity(f"server presented {got}; expected one of {names}")
+    raise WrongIdentity(f"server presented {ident}; expected one of {names}")
 
 
 def check_client(ssl_object: ssl.SSLObject | ssl.SSLSocket, trust_domain: str) -> Identity:
     """Server side: the client certificate chained to our roots (OpenSSL checked that); its SPIFFE
     identity must be in our trust domain. Which client may do what is authorization's business."""
     check_session(ssl_object)
-    presented = peer_identities(ssl_object)
-    if not presented:
-        raise WrongIdentity("client certificate has no SPIFFE URI SAN")
-    ident = presented[0]
+    ident = peer_identity(ssl_object, "client")
     if ident.trust_domain != trust_domain:
         raise WrongIdentity(f"client {ident} is not in trust domain {trust_domain!r}")
     return ident
@@ -183,3 +183,22 @@ def describe_ssl_error(exc: BaseException) -> str:
     if isinstance(exc, ConnectionError | EOFError):
         return f"connection closed during the TLS handshake ({exc.__class__.__name__})"
     return str(exc) or exc.__class__.__name__
+
+
+# -- how long a session's authentication holds (SPEC §3.1: an expired certificate is refused) ---------------
+def _remember_not_after(ctx: ssl.SSLContext, chain_pem: bytes) -> None:
+    """Keep on the context when the chain it presents expires (Unix time, the earliest notAfter in the
+    chain): Python's `ssl` cannot tell us our own certificate after the fact."""
+    chain = x509.load_pem_x509_certificates(chain_pem)
+    ctx.hbone_not_after = min(c.not_valid_after_utc for c in chain).timestamp()  # type: ignore[attr-defined]
+
+
+def session_not_after(ctx: ssl.SSLContext, ssl_object: ssl.SSLObject | ssl.SSLSocket) -> float | None:
+    """When the session made with `ctx` stops being authenticated (Unix time): the earlier of our chain's
+    expiry and the peer certificate's notAfter. None if neither is known (a context not made here, no
+    peer certificate)."""
+    ours: float | None = getattr(ctx, "hbone_not_after", None)
+    peer = ssl_object.getpeercert()
+    theirs = ssl.cert_time_to_seconds(peer["notAfter"]) if peer and "notAfter" in peer else None
+    known = [t for t in (ours, theirs) if t is not None]
+    return min(known) if known else None
