@@ -13,7 +13,7 @@ from pathlib import Path
 from cryptography import x509
 
 from certs import builder, layout
-from certs.chain import ChainError, describe, is_ca, is_root, verify_chain, without_roots
+from certs.chain import ChainError, describe, is_root, verify_chain, without_roots
 from certs.errors import CertError
 from certs.pem import (
     PrivateKey,
@@ -27,7 +27,7 @@ from certs.pem import (
 )
 from certs.times import CLOCK_SKEW, format_duration, utc_now
 from certs.workload import WorkloadCert
-from hbone.identity import Identity
+from hbone.identity import Identity, is_ca
 
 DEFAULT_ROOT_TTL = timedelta(days=3650)
 DEFAULT_CLUSTER_TTL = timedelta(days=365)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from hbone.identity import Identity, IdentityError, certificate_identity
+from hbone.identity import Identity, IdentityError, certificate_identity, uri_sans
 
 
 class ChainError(ValueError):
@@ -72,24 +72,10 @@ def verify_chain(chain: Sequence[x509.Certificate], roots: Sequence[x509.Certifi
     )
 
 
-def uri_sans(cert: x509.Certificate) -> list[str]:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return []
-    return san.get_values_for_type(x509.UniformResourceIdentifier)
-
-
 def spiffe_identity(cert: x509.Certificate) -> Identity:
     """The workload identity of a leaf, by the same rule peers are checked with (`hbone.identity`)."""
     try:
         return certificate_identity(cert)
     except IdentityError as exc:
-        raise ChainError(f"not a workload certificate: {exc}") from None
+        raise ChainError(f"the first certificate, the workload's own, is refused: {exc}") from None
 
-
-def is_ca(cert: x509.Certificate) -> bool:
-    try:
-        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except x509.ExtensionNotFound:
-        return False

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from certs import layout
-from certs.chain import ChainError, is_ca, spiffe_identity, verify_chain, without_roots
+from certs.chain import ChainError, spiffe_identity, verify_chain, without_roots
 from certs.errors import CertError
 from certs.pem import (
     certificates_pem,
@@ -65,10 +65,11 @@ class WorkloadCert:
         key = parse_private_key(key_pem, key_src)
         roots = parse_certificates(root_pem, root_src)
         leaf = chain[0]
-        if is_ca(leaf):
-            raise CertError(f"{chain_src}: the first certificate is a CA, expected the workload certificate")
         try:
-            identity = spiffe_identity(leaf)
+            identity = spiffe_identity(leaf)  # not a CA, one SPIFFE URI SAN: the rule peers are held to
+        except ChainError as exc:
+            raise CertError(f"{chain_src}: {exc}") from None
+        try:
             verify_chain(chain, roots)
         except ChainError as exc:
             raise CertError(f"{chain_src}: {exc} (roots from {root_src})") from None

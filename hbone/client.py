@@ -96,10 +96,10 @@ async def client_over(
         client=True,
         settings=settings,
         local_identity=local_identity,
-        peer_identity=peer,
+        peer_identity=peer.identity,
         name=name,
         close_when_idle=close_when_idle,
-        not_after=session_not_after(context, ssl_object),
+        not_after=session_not_after(context, peer),
     )
     attach(tls, placeholder, conn)
     if wait_for_settings:

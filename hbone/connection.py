@@ -25,7 +25,7 @@ from h2.errors import ErrorCodes
 from hyperframe.exceptions import InvalidPaddingError
 from hyperframe.frame import DataFrame, GoAwayFrame
 
-from .errors import ConnectionClosed, ConnectRefused, H2HandshakeFailure, StreamReset
+from .errors import ConnectionClosed, ConnectRefused, H2HandshakeFailure, StreamReset, code_name
 from .h2fast import DataPath, FastFrameBuffer, PreambleError, StreamRejected, install_outbox, make_connection
 from .identity import Identity
 from .tunnel import Tunnel
@@ -39,6 +39,17 @@ HANDSHAKE_TIMED_OUT = "HTTP/2 handshake timed out"  # the close reason when no S
 # read while our writes to it are paused; past that it is flooding us (Go's HTTP/2 server allows as many).
 MAX_QUEUED_CONTROL_FRAMES = 10_000
 GOAWAY_GRACE = 1.0  # seconds a peer we end for flooding gets to read its GOAWAY before the socket is cut
+# Streams we reset for what the peer sent on them (a malformed request, a stream over our concurrency limit, a
+# new stream while we drain) cost the connection only that stream, so a peer could ask for them without end: an
+# HPACK decode and a RST_STREAM each, the pattern of HTTP/2 "rapid reset" (CVE-2023-44487). They are counted
+# in a token bucket, as nghttp2 counts received resets (burst 1000, 33 a second), and once it is empty the
+# connection ends with GOAWAY ENHANCE_YOUR_CALM. A legitimate client meets a reset only by racing us: opening
+# streams before our SETTINGS (its first round trip; our clients open at most 100 at once) or after our GOAWAY.
+# A client with a bug that makes every request malformed gets nothing from its connection anyway. The burst
+# covers any such race several times over; the refill lets a long-lived pooled connection meet one now and
+# then for ever, while a flood is cut after a few hundred streams.
+REJECTED_STREAMS_BURST = 300
+REJECTED_STREAMS_PER_SECOND = 10.0
 # The certificate-expiry timer runs on the loop's monotonic clock while notAfter is wall-clock time: it wakes at
 # least this often to compare with the wall clock again (which may have been stepped, or the host suspended),
 # and so is never handed the years until a distant notAfter (uvloop overflows on huge delays).
@@ -64,6 +75,28 @@ class H2Settings:
 StreamHandler = Callable[[Tunnel], None]
 
 
+class ResetBudget:
+    """A token bucket: `burst` resets at once at most, then `rate` more a second. Time is an argument."""
+
+    __slots__ = ("_at", "_tokens", "burst", "rate")
+
+    def __init__(self, burst: int = REJECTED_STREAMS_BURST, rate: float = REJECTED_STREAMS_PER_SECOND) -> None:
+        self.burst = burst
+        self.rate = rate
+        self._tokens = float(burst)
+        self._at: float | None = None
+
+    def take(self, now: float) -> bool:
+        """One more reset at `now` (any monotonic clock, in seconds): False once the budget is spent."""
+        if self._at is not None:
+            self._tokens = min(float(self.burst), self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+
 class HboneConnection(asyncio.Protocol):
     """One HTTP/2 connection. Servers get each CONNECT through `on_stream`; clients call `open_stream`."""
 
@@ -85,7 +118,7 @@ class HboneConnection(asyncio.Protocol):
     ) -> None:
         self.client = client
         # When the earlier of the two certificates (ours, the peer's) expires, Unix time (`tls.session_not_after`).
-        self.not_after = not_after
+        self._not_after = not_after
         # An unpooled connection (double HBONE's inner one) ends with its last stream.
         self.close_when_idle = close_when_idle
         self.settings = settings or H2Settings()
@@ -115,6 +148,7 @@ class HboneConnection(asyncio.Protocol):
         self._draining = False
         self._goaway_received = False
         self._highest_inbound = 0
+        self._resets_left = ResetBudget()  # streams we reset for what the peer sent (REJECTED_STREAMS_BURST)
         self.ready: asyncio.Future[None] = self._loop.create_future()
         self.closed: asyncio.Future[None] = self._loop.create_future()
         self._handshake_timer: asyncio.TimerHandle | None = None
@@ -127,6 +161,21 @@ class HboneConnection(asyncio.Protocol):
         self.close_reason = ""
         self.lost_exc: Exception | None = None
         self.received_any = False
+
+    @property
+    def not_after(self) -> float | None:
+        """When the connection stops taking new streams (`_check_expiry`), Unix time; None: never."""
+        return self._not_after
+
+    @not_after.setter
+    def not_after(self, when: float | None) -> None:
+        # Moved (a certificate replaced or revoked under the connection, a test): the check runs again at once.
+        self._not_after = when
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+        if self._transport is not None:
+            self._check_expiry()
 
     # -- asyncio.Protocol --------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -154,7 +203,7 @@ class HboneConnection(asyncio.Protocol):
         self._flush()
         self._handshake_timer = self._loop.call_later(s.handshake_timeout, self._handshake_timeout)
         self._schedule_ping()
-        if self.not_after is not None:
+        if self._not_after is not None:
             self._check_expiry()
 
     def data_received(self, data: bytes) -> None:
@@ -288,6 +337,7 @@ class HboneConnection(asyncio.Protocol):
         tunnel = Tunnel(self, sid, headers)  # type: ignore[arg-type]
         if self.client or self.on_stream is None or self._draining:
             self._h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+            self._count_rejected(sid, "refused (REFUSED_STREAM): the connection takes no new streams")
             return
         self._streams[sid] = tunnel
         self.idle_since = None
@@ -323,18 +373,32 @@ class HboneConnection(asyncio.Protocol):
 
     def _on_stream_reset(self, event: h2.events.StreamReset) -> None:
         stream_id, code = event.stream_id, event.error_code
-        name = ErrorCodes(code).name if code in ErrorCodes._value2member_map_ else str(code)
+        name = code_name(code)
         why = None
         if isinstance(event, StreamRejected):
-            # Our reset, for what the peer sent on this stream; the connection and its other streams go on.
+            # Our reset, for what the peer sent on this stream; the connection and its other streams go on,
+            # unless the peer keeps doing it.
             why = f"stream reset ({name}): {event.reason}"
-            log.info("HTTP/2 stream %d from %s: %s", stream_id, self.peer_name, why)
+            if not self._count_rejected(stream_id, why):
+                return
         waiter = self._pending_open.pop(stream_id, None)
         if waiter is not None and not waiter.done():
             waiter.set_exception(StreamReset(f"CONNECT {why or f'stream reset by server ({name})'}", code))
         tunnel = self._streams.get(stream_id)
         if tunnel is not None:
             tunnel._on_reset(code, why)
+
+    def _count_rejected(self, stream_id: int, why: str) -> bool:
+        """A stream we reset for what the peer sent on it: logged at debug (a peer can send these as fast as it
+        likes), and counted; False once the peer has had too many (REJECTED_STREAMS_BURST) and the connection
+        is ended."""
+        log.debug("HTTP/2 stream %d from %s: %s", stream_id, self.peer_name, why)
+        if self._resets_left.take(self._loop.time()):
+            return True
+        log.warning("HTTP/2 peer %s: too many streams reset for what it sent on them (last: stream %d, %s); "
+                    "closing", self.peer_name, stream_id, why)  # fmt: skip
+        self._calm_down(f"too many streams reset for what the peer sent (last: {why}): ENHANCE_YOUR_CALM")
+        return False
 
     def _on_goaway_frame(self, frame: GoAwayFrame) -> None:
         """The peer will take no new streams above `last_stream_id`; those at or below may finish."""
@@ -565,13 +629,17 @@ class HboneConnection(asyncio.Protocol):
         if queued <= MAX_QUEUED_CONTROL_FRAMES:
             return False
         log.warning("HTTP/2 peer %s does not read: %d frames queued for it; closing", self.peer_name, queued)
+        self._calm_down(f"peer does not read what it asks for ({queued} frames queued): ENHANCE_YOUR_CALM")
+        return True
+
+    def _calm_down(self, reason: str) -> None:
+        """End the connection for abuse: GOAWAY ENHANCE_YOUR_CALM, and the socket is cut GOAWAY_GRACE later."""
         self._h2._terminate_connection(ErrorCodes.ENHANCE_YOUR_CALM)
         transport = self._transport
-        self.close(f"peer does not read what it asks for ({queued} frames queued): ENHANCE_YOUR_CALM")
+        self.close(reason)
         if transport is not None:
-            # close() waits for the queue to drain, which it may never do.
+            # close() waits for the queue to drain, which a peer that does not read may never let happen.
             self._loop.call_later(GOAWAY_GRACE, transport.abort)
-        return True
 
     def _handshake_timeout(self) -> None:
         if not self.ready.done():
@@ -593,14 +661,14 @@ class HboneConnection(asyncio.Protocol):
         mesh is not cut because a certificate lapsed under it, as with any TLS session). It also bounds how long
         a client pool keeps using a connection made with a certificate that has since been renewed."""
         self._expiry_timer = None
-        if self._closed or self.not_after is None:
+        if self._closed or self._not_after is None:
             return
-        remaining = self.not_after - time.time()
+        remaining = self._not_after - time.time()
         if remaining > 0:
             self._expiry_timer = self._loop.call_later(min(remaining, EXPIRY_RECHECK), self._check_expiry)
             return
         log.info("HBONE connection %s: a certificate expired (notAfter %s); draining", self.peer_name,
-                 time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.not_after)))
+                 time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._not_after)))
         self.drain()
 
     def drain(self) -> None:

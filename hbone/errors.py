@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from h2.errors import ErrorCodes
+
 
 class HboneError(Exception):
     """Base class; `flag` is the metric's response_flags value for this failure."""
@@ -59,3 +61,11 @@ class ConnectionClosed(HboneError):
     """The HTTP/2 connection is closing (GOAWAY) or closed, so no new stream can be opened on it."""
 
     flag = "CONNECT"
+
+
+def code_name(code: int) -> str:
+    """An HTTP/2 error code's name (`CANCEL`), or its number when it has none."""
+    try:
+        return ErrorCodes(code).name
+    except ValueError:
+        return str(code)

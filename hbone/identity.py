@@ -69,6 +69,23 @@ class Identity:
         return SPIFFE_PREFIX + self.principal
 
 
+def is_ca(cert: x509.Certificate) -> bool:
+    """basicConstraints CA:TRUE. Raises what `cryptography` raises for extensions it cannot read."""
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
+
+
+def uri_sans(cert: x509.Certificate) -> list[str]:
+    """Every URI in the subjectAltName, in order. Raises what `cryptography` raises for extensions it cannot read."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return san.get_values_for_type(x509.UniformResourceIdentifier)
+
+
 def certificate_identity(cert: x509.Certificate) -> Identity:
     """The workload identity of a leaf certificate (SPEC §3.1), or IdentityError saying why there is none.
 
@@ -76,17 +93,8 @@ def certificate_identity(cert: x509.Certificate) -> Identity:
     that parses" or "any URI that matches" would let one certificate speak for several identities.
     """
     try:
-        extensions = cert.extensions
-        try:
-            ca = extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-        except x509.ExtensionNotFound:
-            ca = False
-        try:
-            uris = extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
-                x509.UniformResourceIdentifier
-            )
-        except x509.ExtensionNotFound:
-            uris = []
+        ca = is_ca(cert)
+        uris = uri_sans(cert)
     except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
         raise IdentityError(f"the certificate's extensions cannot be read: {exc}") from None
     if ca:

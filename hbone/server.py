@@ -115,14 +115,14 @@ class HboneServer:
             settings=self.settings,
             on_stream=self._check_request,
             local_identity=chosen.identity,
-            peer_identity=client,
+            peer_identity=client.identity,
             name=where,
-            not_after=session_not_after(chosen.context, ssl_object),
+            not_after=session_not_after(chosen.context, client),
         )
         self.connections.add(conn)
         conn.closed.add_done_callback(lambda _: self.connections.discard(conn))
         attach(tls, placeholder, conn)
-        log.debug("%s: HBONE connection %s from %s as %s", self.name, where, client, chosen.identity)
+        log.debug("%s: HBONE connection %s from %s as %s", self.name, where, client.identity, chosen.identity)
 
     def _check_request(self, tunnel: Tunnel) -> None:
         where = tunnel.connection.name

@@ -14,6 +14,7 @@ import os
 import ssl
 import tempfile
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Protocol
 
 from cryptography import x509
@@ -108,17 +109,27 @@ def client_context(creds: Credentials) -> ssl.SSLContext:
     return ctx
 
 
-def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket, side: str) -> Identity:
+@dataclass(frozen=True, slots=True)
+class VerifiedPeer:
+    """A peer that passed the checks: its workload identity, and its certificate's notAfter (Unix time)."""
+
+    identity: Identity
+    not_after: float
+
+
+def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket, side: str) -> VerifiedPeer:
     """The workload identity of the verified peer certificate, or WrongIdentity saying why it has none.
 
     OpenSSL has checked the chain and validity; the rule for the leaf itself (exactly one URI SAN, a strict
-    SPIFFE id, not a CA) is `certificate_identity`, the same one our own certificates are loaded with.
+    SPIFFE id, not a CA) is `certificate_identity`, the same one our own certificates are loaded with. The
+    certificate is parsed once, here: its notAfter comes along for `session_not_after`.
     """
     der = ssl_object.getpeercert(binary_form=True)
     if not der:
         raise WrongIdentity(f"{side} presented no certificate")
     try:
-        return certificate_identity(x509.load_der_x509_certificate(der))
+        cert = x509.load_der_x509_certificate(der)
+        return VerifiedPeer(certificate_identity(cert), cert.not_valid_after_utc.timestamp())
     except IdentityError as exc:
         raise WrongIdentity(f"{side} certificate refused: {exc}") from None
     except ValueError as exc:
@@ -138,25 +149,25 @@ def check_session(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> None:
         raise TlsFailure(f"peer did not negotiate ALPN {ALPN!r} (got {alpn!r})")
 
 
-def check_server(ssl_object: ssl.SSLObject | ssl.SSLSocket, expected: Iterable[Identity]) -> Identity:
+def check_server(ssl_object: ssl.SSLObject | ssl.SSLSocket, expected: Iterable[Identity]) -> VerifiedPeer:
     """Client side: accept the server only if its one SPIFFE identity is one of the expected identities."""
     check_session(ssl_object)
-    ident = peer_identity(ssl_object, "server")
+    peer = peer_identity(ssl_object, "server")
     wanted = set(expected)
-    if ident in wanted:
-        return ident
+    if peer.identity in wanted:
+        return peer
     names = ", ".join(sorted(str(i) for i in wanted)) or "(none)"
-    raise WrongIdentity(f"server presented {ident}; expected one of {names}")
+    raise WrongIdentity(f"server presented {peer.identity}; expected one of {names}")
 
 
-def check_client(ssl_object: ssl.SSLObject | ssl.SSLSocket, trust_domain: str) -> Identity:
+def check_client(ssl_object: ssl.SSLObject | ssl.SSLSocket, trust_domain: str) -> VerifiedPeer:
     """Server side: the client certificate chained to our roots (OpenSSL checked that); its SPIFFE
     identity must be in our trust domain. Which client may do what is authorization's business."""
     check_session(ssl_object)
-    ident = peer_identity(ssl_object, "client")
-    if ident.trust_domain != trust_domain:
-        raise WrongIdentity(f"client {ident} is not in trust domain {trust_domain!r}")
-    return ident
+    peer = peer_identity(ssl_object, "client")
+    if peer.identity.trust_domain != trust_domain:
+        raise WrongIdentity(f"client {peer.identity} is not in trust domain {trust_domain!r}")
+    return peer
 
 
 def describe_ssl_error(exc: BaseException) -> str:
@@ -186,19 +197,20 @@ def describe_ssl_error(exc: BaseException) -> str:
 
 
 # -- how long a session's authentication holds (SPEC §3.1: an expired certificate is refused) ---------------
+# Both sides count by their leaf's notAfter. Python's `ssl` (before 3.13) shows us only the peer's leaf, not the
+# intermediates it sent, so the leaf is all we can know of the peer; our own side is counted the same way so the
+# two agree. A leaf that outlives its issuer is the issuer's mistake, which our CA refuses to make
+# (`certs.authority`), and OpenSSL has checked every certificate of both chains at the handshake.
 def _remember_not_after(ctx: ssl.SSLContext, chain_pem: bytes) -> None:
-    """Keep on the context when the chain it presents expires (Unix time, the earliest notAfter in the
-    chain): Python's `ssl` cannot tell us our own certificate after the fact."""
-    chain = x509.load_pem_x509_certificates(chain_pem)
-    ctx.hbone_not_after = min(c.not_valid_after_utc for c in chain).timestamp()  # type: ignore[attr-defined]
+    """Keep on the context when the certificate it presents expires (Unix time, the leaf's notAfter): Python's
+    `ssl` cannot tell us our own certificate after the fact."""
+    leaf = x509.load_pem_x509_certificate(chain_pem)  # the first certificate of the chain
+    ctx.hbone_not_after = leaf.not_valid_after_utc.timestamp()  # type: ignore[attr-defined]
 
 
-def session_not_after(ctx: ssl.SSLContext, ssl_object: ssl.SSLObject | ssl.SSLSocket) -> float | None:
-    """When the session made with `ctx` stops being authenticated (Unix time): the earlier of our chain's
-    expiry and the peer certificate's notAfter. None if neither is known (a context not made here, no
-    peer certificate)."""
+def session_not_after(ctx: ssl.SSLContext, peer: VerifiedPeer) -> float:
+    """When the session made with `ctx` stops being authenticated (Unix time): the earlier of our certificate's
+    notAfter and the peer's (as `check_client`/`check_server` found it). Only the peer's for a context not
+    made here."""
     ours: float | None = getattr(ctx, "hbone_not_after", None)
-    peer = ssl_object.getpeercert()
-    theirs = ssl.cert_time_to_seconds(peer["notAfter"]) if peer and "notAfter" in peer else None
-    known = [t for t in (ours, theirs) if t is not None]
-    return min(known) if known else None
+    return peer.not_after if ours is None else min(ours, peer.not_after)

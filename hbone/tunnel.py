@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from h2.errors import ErrorCodes
 
 from .authority import Authority
-from .errors import StreamReset
+from .errors import StreamReset, code_name
 
 if TYPE_CHECKING:
     from .connection import HboneConnection
@@ -275,7 +275,7 @@ class Tunnel(asyncio.Transport):
             self._remote_ended = True
             self._finish(None)
         else:
-            self._finish(StreamReset(why or f"stream reset by peer ({_code_name(code)})", code))
+            self._finish(StreamReset(why or f"stream reset by peer ({code_name(code)})", code))
 
     def _on_connection_lost(self, exc: BaseException | None) -> None:
         if not self._finished:
@@ -334,9 +334,3 @@ class Tunnel(asyncio.Transport):
     def __repr__(self) -> str:
         return f"<Tunnel {self.stream_id} {self.authority} on {self._conn!r}>"
 
-
-def _code_name(code: int) -> str:
-    try:
-        return ErrorCodes(code).name
-    except ValueError:
-        return str(code)

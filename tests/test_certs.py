@@ -607,3 +607,7 @@ def test_our_own_workload_certificate_follows_the_peer_rule(tmp_path: Path, ca1:
     two = forger.forged([str(PRODUCTPAGE), str(REVIEWS)])
     with pytest.raises(CertError, match="exactly one URI SAN"):
         WorkloadCert.from_pem(two.chain_pem, two.key_pem, two.root_pem)
+    ca_leaf = forger.forged([str(PRODUCTPAGE)], ca=True)
+    with pytest.raises(CertError, match=r"^certificate chain: the first certificate, the workload's own, is refused: "
+                                        r"the certificate is a CA \(basicConstraints CA:TRUE\)"):  # fmt: skip
+        WorkloadCert.from_pem(ca_leaf.chain_pem, ca_leaf.key_pem, ca_leaf.root_pem)

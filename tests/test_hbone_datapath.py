@@ -38,6 +38,7 @@ from tests.support.rawpeer import (
     client_with_stream,
     frame,
 )
+from tests.support.waiting import eventually
 
 SERVER = ident("server")
 CLIENT = ident("client")
@@ -246,10 +247,8 @@ async def test_padded_and_end_stream_frames_arrive_exactly(server, echo_app, raw
     await peer.until(lambda: sid in peer.ended or sid in peer.resets, "the echo's END_STREAM")
     assert sid not in peer.resets and not peer.goaways and not peer.violations, peer.summary()
     assert bytes(peer.data[sid]) == bytes(sent)
-    for _ in range(100):  # the application saw EOF: it returns its byte count only then
-        if echo_app.results:
-            break
-        await asyncio.sleep(0.02)
+    # The application saw EOF: it returns its byte count only then.
+    await eventually(lambda: echo_app.results, "the echo application to see EOF")
     assert echo_app.results == [len(sent)]
     await peer.ping()
     h2conn = server.h2()
@@ -323,11 +322,7 @@ async def test_data_inside_a_header_block_is_protocol_error(pki, server, echo_ap
     if separate_reads:
         await peer.writer.drain()
         buffer = server.h2().incoming_buffer
-        for _ in range(500):  # until the server holds the open header block
-            if buffer._headers_buffer:
-                break
-            await asyncio.sleep(0.01)
-        assert buffer._headers_buffer
+        await eventually(lambda: buffer._headers_buffer, "the server to hold the open header block")
     peer.send_data(sid, b"not now")
     await peer.closed()
     assert_connection_error(peer, ErrorCodes.PROTOCOL_ERROR, sid)

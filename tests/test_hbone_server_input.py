@@ -12,11 +12,12 @@ from h2.errors import ErrorCodes
 from hyperframe.frame import RstStreamFrame
 
 from hbone.client import dial
-from hbone.connection import H2Settings
+from hbone.connection import REJECTED_STREAMS_BURST, REJECTED_STREAMS_PER_SECOND, H2Settings, ResetBudget
 from tests.support.apps import TcpApp, TunnelServer, read_all, stream_pair
 from tests.support.pki import TestPki, ident
 from tests.support.rawh2 import RawH2Client
 from tests.support.rawpeer import END_HEADERS, END_STREAM, HEADERS, RawPeer, bounded, frame
+from tests.support.waiting import eventually
 
 SERVER = ident("server")
 CLIENT = ident("client")
@@ -123,7 +124,7 @@ MALFORMED = {
 
 @bounded(60)
 async def test_malformed_requests_reset_their_stream_and_the_connection_goes_on(pki, server, echo_app, caplog) -> None:
-    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.DEBUG, logger="hbone.connection")
     echo = f"127.0.0.1:{echo_app.port}"
     peer = await RawPeer.connect(server.address, pki.client_ctx(CLIENT))
     first = await peer.connect_stream(echo)
@@ -140,14 +141,63 @@ async def test_malformed_requests_reset_their_stream_and_the_connection_goes_on(
         await exchange(peer, first, f"after {name}".encode())
         await exchange(peer, first, os.urandom(100_000))
         assert len(server.server.connections) == 1
-        logged = [r.getMessage() for r in caplog.records if "malformed header block" in r.getMessage()]
-        assert len(logged) == n + 1 and f"stream {sid} " in logged[-1], logged
+        logged = [r for r in caplog.records if "malformed header block" in r.getMessage()]
+        assert len(logged) == n + 1 and f"stream {sid} " in logged[-1].getMessage(), logged
+        assert all(r.levelno == logging.DEBUG for r in logged)  # a peer may send these as fast as it likes
     # The first answer was PROTOCOL_ERROR (a late DATA frame may have drawn a STREAM_CLOSED since).
     again = await peer.connect_stream(echo)
     await exchange(peer, again, b"a new tunnel on the same connection")
     await exchange(peer, first, b"and the first one still")
     assert not peer.violations, peer.violations
     await peer.close()
+
+
+@bounded(60)
+async def test_a_peer_that_keeps_sending_malformed_requests_is_cut(pki, server, echo_app, caplog) -> None:
+    """Each malformed request costs only its stream, but not without end (the "rapid reset" pattern): past
+    REJECTED_STREAMS_BURST such streams in quick succession the connection ends with GOAWAY ENHANCE_YOUR_CALM
+    and one warning; the resets before it are logged at debug only. Other connections are served all along."""
+    caplog.set_level(logging.DEBUG, logger="hbone.connection")
+    echo = f"127.0.0.1:{echo_app.port}"
+    peer = await RawPeer.connect(server.address, pki.client_ctx(CLIENT))
+    first = await peer.connect_stream(echo)
+    (flooded,) = server.server.connections
+    other = await dial(server.address, pki.client_ctx(CLIENT), [SERVER])
+    other_tunnel = await other.open_stream(echo)
+    reader, writer = stream_pair(other_tunnel)
+
+    headers, _ = MALFORMED["uppercase header name"]
+    sent = [send_request(peer, headers) for _ in range(REJECTED_STREAMS_BURST + 100)]
+    await peer.closed()
+    assert len(peer.goaways) == 1 and peer.goaways[0][1] == ErrorCodes.ENHANCE_YOUR_CALM, peer.summary()
+    # Cut at the first stream past the budget (a few later if the server was slow: the budget refills).
+    last = peer.goaways[0][0]
+    assert last in sent[REJECTED_STREAMS_BURST : REJECTED_STREAMS_BURST + 20], (last, sent[REJECTED_STREAMS_BURST])
+    assert set(peer.resets) == {sid for sid in sent if sid <= last}, peer.summary()  # RST_STREAM, then GOAWAY
+    assert first not in peer.resets and "ENHANCE_YOUR_CALM" in flooded.close_reason, flooded.close_reason
+    records = [r for r in caplog.records if r.name == "hbone.connection"]
+    loud = [r.getMessage() for r in records if r.levelno > logging.DEBUG]
+    assert len(loud) == 1 and "too many streams reset" in loud[0], loud
+    debug = [r for r in records if r.levelno == logging.DEBUG and "malformed header block" in r.getMessage()]
+    assert len(debug) == len(peer.resets)
+    await eventually(lambda: flooded not in server.server.connections, "the server to drop the flooded connection")
+
+    writer.write(b"the other connection goes on")
+    writer.write_eof()
+    assert await asyncio.wait_for(reader.read(), 5) == b"the other connection goes on"
+    other.close()
+    await assert_still_serving(pki, server, echo_app)
+    await peer.close()
+
+
+def test_the_reset_budget_is_a_token_bucket() -> None:
+    budget = ResetBudget(burst=3, rate=2.0)
+    assert [budget.take(100.0) for _ in range(4)] == [True, True, True, False]
+    assert budget.take(100.4) is False  # 0.8 of a token back: not yet one
+    assert budget.take(100.5) is True  # a whole one
+    assert [budget.take(200.0) for _ in range(4)] == [True, True, True, False]  # refilled to the burst, no more
+    # The defaults: a legitimate client's races fit many times over; a flood is cut after a few hundred.
+    assert 100 < REJECTED_STREAMS_BURST <= 1000 and REJECTED_STREAMS_PER_SECOND < REJECTED_STREAMS_BURST
 
 
 @bounded(60)
@@ -199,12 +249,9 @@ async def test_non_tls_bytes_close_that_connection_with_one_log_line(pki, server
     await asyncio.wait_for(reader.read(), 5)  # whatever comes back (a TLS alert, or nothing), then EOF
     assert reader.at_eof()
     writer.close()
-    for _ in range(100):
-        refused = [r for r in caplog.records if "refused HBONE connection" in r.getMessage()]
-        if refused:
-            break
-        await asyncio.sleep(0.02)
-    assert len(refused) == 1
+    await eventually(lambda: any("refused HBONE connection" in r.getMessage() for r in caplog.records),
+                     "the refusal in the server's log")  # fmt: skip
+    assert sum("refused HBONE connection" in r.getMessage() for r in caplog.records) == 1
     await assert_still_serving(pki, server, echo_app)
 
 

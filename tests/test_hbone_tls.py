@@ -19,6 +19,7 @@ from hbone.tls import ALPN, _restrict_tls13_suites, client_context, server_conte
 from hbone.tlslayer import Buffered
 from tests.support.apps import TcpApp, TunnelServer, echo, stream_pair
 from tests.support.pki import TestPki, ident
+from tests.support.waiting import eventually
 
 SERVER = ident("server")
 CLIENT = ident("client")
@@ -46,11 +47,8 @@ def server_log(caplog: pytest.LogCaptureFixture) -> str:
 
 
 async def wait_for_log(caplog: pytest.LogCaptureFixture, text: str) -> str:
-    for _ in range(100):
-        if text in server_log(caplog):
-            break
-        await asyncio.sleep(0.02)
-    return server_log(caplog)
+    """The server's log once `text` is in it; the test fails, saying so, if it never comes."""
+    return await eventually(lambda: text in (log := server_log(caplog)) and log, f"{text!r} in the server's log")
 
 
 def bare_client_context(pki: TestPki, *, alpn: bool = True) -> ssl.SSLContext:

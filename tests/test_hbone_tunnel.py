@@ -21,6 +21,7 @@ from tests.support.apps import (
     stream_pair,
 )
 from tests.support.pki import TestPki, ident
+from tests.support.waiting import eventually
 
 SERVER = ident("server")
 CLIENT = ident("client")
@@ -100,10 +101,7 @@ async def test_half_close_server_first(pki: TestPki, server: TunnelServer) -> No
     late = pattern(9, MiB + 3)
     writer.write(late)
     writer.write_eof()
-    for _ in range(200):
-        if app.results:
-            break
-        await asyncio.sleep(0.02)
+    await eventually(lambda: app.results, "the application to read to EOF")
     assert app.results == [(len(late), hashlib.sha256(late).hexdigest())]
     conn.close()
     await app.close()

@@ -22,6 +22,7 @@ import h2.settings
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
+from hbone.errors import code_name
 from waypoint_py.http_types import Headers
 from waypoint_py.streams import READ_SIZE
 
@@ -62,7 +63,7 @@ class H2Stream:
     def _fail(self, code: int) -> None:
         self.reset_code = code
         if not self.response.done():
-            self.response.set_exception(StreamGone(f"stream reset ({_code_name(code)}) before the response"))
+            self.response.set_exception(StreamGone(f"stream reset ({code_name(code)}) before the response"))
             self.response.exception()  # retrieved: whoever waits sees it; nobody waiting is fine too
         self._wake()
         callback, self.on_reset = self.on_reset, None
@@ -79,7 +80,7 @@ class H2Stream:
                     return data
                 continue
             if self.reset_code is not None:
-                raise StreamGone(f"stream reset by peer ({_code_name(self.reset_code)})")
+                raise StreamGone(f"stream reset by peer ({code_name(self.reset_code)})")
             if self.remote_ended:
                 return None
             if self.driver.closed:
@@ -235,7 +236,7 @@ class H2Driver:
         elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
             self._wake_senders()
         elif isinstance(event, h2.events.ConnectionTerminated):
-            self._close(f"peer sent GOAWAY ({_code_name(event.error_code)})"
+            self._close(f"peer sent GOAWAY ({code_name(event.error_code)})"
                         if event.error_code else "peer closed the connection")  # fmt: skip
 
     def _on_request(self, event: h2.events.RequestReceived) -> None:
@@ -272,7 +273,7 @@ class H2Driver:
         if self.closed:
             raise StreamGone(f"HTTP/2 connection closed: {self.close_reason}")
         if stream.reset_code is not None:
-            raise StreamGone(f"stream reset by peer ({_code_name(stream.reset_code)})")
+            raise StreamGone(f"stream reset by peer ({code_name(stream.reset_code)})")
 
     def open_stream(self, headers: Headers, *, end_stream: bool) -> H2Stream:
         """Client: send a request's HEADERS on a new stream."""
@@ -357,9 +358,3 @@ class H2Driver:
         if self.draining and not self.streams:
             self.close("drained")
 
-
-def _code_name(code: int) -> str:
-    try:
-        return ErrorCodes(code).name
-    except ValueError:
-        return str(code)
