@@ -11,8 +11,9 @@ import pytest
 import yaml
 
 from certs import make_mesh_pki
-from tests.support.daemons import Daemon, metric_samples, run_curl, start_app, ztunnel_env
+from tests.support.daemons import metric_samples, run_curl, start_app
 from tests.support.netns import namespace, sh
+from tests.support.ztunnel import workload, ztunnel_daemon
 from topology.netns import netns_unavailable_reason
 
 REASON = netns_unavailable_reason() or (None if shutil.which("iptables") else "iptables is not installed")
@@ -23,25 +24,15 @@ ECHO_HOST = "echo.default.svc.cluster.local"
 
 
 def config() -> dict:
-    def workload(name: str, ip: str, node: str, services: dict) -> dict:
-        return {
-            "uid": f"c1/{name}",
-            "name": name,
-            "namespace": "default",
-            "serviceAccount": name.split("-")[0],
-            "workloadIps": [ip],
-            "protocol": "HBONE",
-            "node": node,
-            "clusterId": "cluster1",
-            "workloadName": name.split("-")[0],
-            "canonicalName": name.split("-")[0],
-            "services": services,
-        }
+    def labelled(name: str, ip: str, node: str, services: dict) -> dict:
+        short = name.split("-")[0]
+        return workload(name, ip, node=node, network=None, uid=f"c1/{name}", workloadName=short, canonicalName=short,
+                        services=services)  # fmt: skip
 
     return {
         "workloads": [
-            workload("sleep-1", SLEEP_IP, "node1", {}),
-            workload("echo-1", ECHO_IP, "node2", {f"default/{ECHO_HOST}": {80: 8080}}),
+            labelled("sleep-1", SLEEP_IP, "node1", {}),
+            labelled("echo-1", ECHO_IP, "node2", {f"default/{ECHO_HOST}": {80: 8080}}),
         ],
         "services": [
             {
@@ -83,8 +74,8 @@ async def test_iptables_redirect_is_captured_and_tunnelled(tmp_path: Path) -> No
         daemons = []
         try:
             for node, ip, outbound in (("node1", Z1, "0.0.0.0:15001"), ("node2", Z2, "off")):
-                env = ztunnel_env(ip, path, pki["cluster1"], NODE_NAME=node, SOCKS5_ADDR="off", OUTBOUND_ADDR=outbound)
-                daemon = Daemon("ztunnel_py", env, tmp_path / f"{node}.log", f"{ip}:15021", prefix=prefix)
+                daemon = ztunnel_daemon(ip, path, pki["cluster1"], tmp_path / f"{node}.log", prefix=prefix,
+                                        NODE_NAME=node, SOCKS5_ADDR="off", OUTBOUND_ADDR=outbound)  # fmt: skip
                 daemons.append(daemon.start())
             await asyncio.gather(*(d.wait_ready() for d in daemons))
             code, out, err = await run_curl("--interface", SLEEP_IP, f"http://{VIP}/", prefix=tuple(prefix))

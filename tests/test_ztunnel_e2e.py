@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from certs import make_mesh_pki
-from tests.support.daemons import Daemon, metric_samples, run_curl, scrape, start_app, ztunnel_env
+from tests.support.daemons import Daemon, metric_samples, run_curl, scrape, start_app
+from tests.support.ztunnel import SOCKS5_NO_AUTH, socks_connect, workload, ztunnel_daemon
 from topology.app import pattern_sha256
 
 SLEEP_IP, ECHO_IP, VIP = "127.11.1.10", "127.11.2.10", "127.11.9.1"
@@ -21,33 +22,20 @@ ECHO_HOST = "echo.default.svc.cluster.local"
 
 
 def mesh_config(policies: list[dict] | None = None, echo_policies: list[str] | None = None) -> dict:
-    def workload(name: str, ip: str, node: str, sa: str, services: dict | None = None, **extra: object) -> dict:
-        return {
-            "uid": f"cluster1//v1/Pod/default/{name}",
-            "name": name,
-            "namespace": "default",
-            "serviceAccount": sa,
-            "workloadIps": [ip],
-            "protocol": "HBONE",
-            "node": node,
-            "clusterId": "cluster1",
-            "workloadName": name.rsplit("-", 1)[0],
-            "workloadType": "deployment",
-            "canonicalName": sa,
-            "canonicalRevision": "v1",
-            "services": services or {},
-            **extra,
-        }
+    def deployment(name: str, ip: str, node: str, services: dict | None = None, **fields: object) -> dict:
+        """A workload with a Deployment's labels, outside any named network."""
+        short = name.split("-")[0]
+        return workload(name, ip, node=node, network=None, workloadName=short, workloadType="deployment",
+                        canonicalName=short, canonicalRevision="v1", services=services or {}, **fields)  # fmt: skip
 
     return {
         "workloads": [
-            workload("sleep-1", SLEEP_IP, "node1", "sleep"),
-            {**workload("legacy-1", LEGACY_IP, "node2", "legacy"), "protocol": "TCP"},
-            workload(
+            deployment("sleep-1", SLEEP_IP, "node1"),
+            deployment("legacy-1", LEGACY_IP, "node2", protocol="TCP"),
+            deployment(
                 "echo-1",
                 ECHO_IP,
                 "node2",
-                "echo",
                 {f"default/{ECHO_HOST}": {80: 8080}},
                 authorizationPolicies=echo_policies or [],
             ),
@@ -74,8 +62,8 @@ async def mesh(tmp_path: Path):
     app = await start_app("echo-1", ECHO_IP, 8080, tmp_path / "app.log")
     daemons = []
     for node, ip in (("node1", Z1), ("node2", Z2)):
-        env = ztunnel_env(ip, config, pki["cluster1"], NODE_NAME=node, DRAIN_DEADLINE="5s")
-        daemons.append(Daemon("ztunnel_py", env, tmp_path / f"ztunnel-{node}.log", f"{ip}:15021").start())
+        log = tmp_path / f"ztunnel-{node}.log"
+        daemons.append(ztunnel_daemon(ip, config, pki["cluster1"], log, NODE_NAME=node, DRAIN_DEADLINE="5s").start())
     try:
         await asyncio.gather(*(d.wait_ready() for d in daemons))
         yield {"config": config, "app": app, "ztunnels": daemons, "tmp": tmp_path}
@@ -231,10 +219,9 @@ async def socks_get(path: str = "/") -> bytes:
     """One SOCKS5 connection from the sleep pod's IP, one HTTP request, then close."""
     reader, writer = await asyncio.open_connection(Z1, 15080, local_addr=(SLEEP_IP, 0))
     try:
-        writer.write(b"\x05\x01\x00")
+        writer.write(SOCKS5_NO_AUTH)
         assert await reader.readexactly(2) == b"\x05\x00"
-        host = ECHO_HOST.encode()
-        writer.write(b"\x05\x01\x00\x03" + bytes([len(host)]) + host + (80).to_bytes(2, "big"))
+        writer.write(socks_connect(ECHO_HOST.encode(), 80))
         answer = await reader.readexactly(10)
         assert answer[1] == 0, answer
         writer.write(f"GET {path} HTTP/1.1\r\nHost: echo\r\nConnection: close\r\n\r\n".encode())

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
-import struct
 from pathlib import Path
 
 import pytest
@@ -15,10 +13,11 @@ import yaml
 
 from mesh.config import ConfigError, parse_config
 from tests.support.apps import TcpApp
-from tests.support.daemons import Daemon, ztunnel_env
+from tests.support.daemons import Daemon
 from tests.support.pki import TestPki, ident
 from tests.support.rawh2 import RawH2Client
 from tests.support.standins import StandInHbone
+from tests.support.ztunnel import running_ztunnel, socks_reply, workload
 
 Z, SLEEP_IP, ECHO_IP, TUNNELLED_IP = "127.13.1.1", "127.13.1.10", "127.13.1.20", "127.13.1.30"
 GATEWAY_IP, REMOTE_ZTUNNEL_IP, REMOTE_APP_IP = "127.13.2.1", "127.13.2.10", "127.13.2.20"
@@ -28,30 +27,15 @@ REMOTE_HOST = "remote.default.svc.cluster.local"
 GATEWAY = ident("istio-eastwestgateway", "istio-system")
 
 
-def workload(name: str, ip: str | None, network: str = "network1", **extra: object) -> dict:
-    return {
-        "uid": f"cluster1//v1/Pod/default/{name}",
-        "name": name,
-        "namespace": "default",
-        "serviceAccount": name.split("-")[0],
-        "workloadIps": [ip] if ip else [],
-        "protocol": "HBONE",
-        "node": "node1" if network == "network1" else "",
-        "network": network,
-        "clusterId": "cluster1",
-        **extra,
-    }
-
-
 def mesh_config() -> dict:
     return {
         "workloads": [
             workload("sleep-1", SLEEP_IP),
             workload("echo-1", ECHO_IP),
             workload("tunnelled-1", TUNNELLED_IP, applicationTunnel={"protocol": "NONE", "port": APP_TUNNEL_PORT}),
-            {**workload("istio-eastwestgateway", GATEWAY_IP, "network2"), "namespace": "istio-system",
-             "serviceAccount": "istio-eastwestgateway"},
-            workload("remote-1", None, "network2", services={f"default/{REMOTE_HOST}": {80: 8080}},
+            workload("istio-eastwestgateway", GATEWAY_IP, node="", network="network2", namespace="istio-system",
+                     serviceAccount="istio-eastwestgateway"),
+            workload("remote-1", None, node="", network="network2", services={f"default/{REMOTE_HOST}": {80: 8080}},
                      networkGateway={"destination": f"network2/{GATEWAY_IP}", "hboneMtlsPort": 15008}),
         ],
         "services": [
@@ -73,30 +57,11 @@ async def named_app(name: bytes, host: str, port: int) -> TcpApp:
 
 @pytest.fixture
 async def ztunnel(tmp_path: Path, pki: TestPki):
-    config = tmp_path / "mesh.yaml"
-    config.write_text(yaml.safe_dump(mesh_config()))
     # OUTBOUND_ADDR "OFF": `off` is taken in any case.
-    env = ztunnel_env(Z, config, pki.paths["cluster1"], NETWORK="network1", SOCKS5_ADDR=f"{Z}:{SOCKS_PORT}",
-                      OUTBOUND_ADDR="OFF", INBOUND_PLAINTEXT_ADDR="off")  # fmt: skip
-    daemon = Daemon("ztunnel_py", env, tmp_path / "ztunnel.log", f"{Z}:15021").start()
-    try:
-        await daemon.wait_ready()
+    async with running_ztunnel(Z, tmp_path, mesh_config(), pki.paths["cluster1"], NETWORK="network1",
+                               SOCKS5_ADDR=f"{Z}:{SOCKS_PORT}", OUTBOUND_ADDR="OFF",
+                               INBOUND_PLAINTEXT_ADDR="off") as daemon:  # fmt: skip
         yield daemon
-    finally:
-        daemon.stop()
-
-
-async def socks_reply(host: str, port: int) -> int:
-    """The SOCKS5 reply code for a CONNECT from the sleep workload to an IP address."""
-    reader, writer = await asyncio.open_connection(Z, SOCKS_PORT, local_addr=(SLEEP_IP, 0))
-    try:
-        writer.write(b"\x05\x01\x00")
-        assert await reader.readexactly(2) == b"\x05\x00"
-        family, atyp = (socket.AF_INET6, 4) if ":" in host else (socket.AF_INET, 1)
-        writer.write(bytes([5, 1, 0, atyp]) + socket.inet_pton(family, host) + struct.pack("!H", port))
-        return (await reader.readexactly(10))[1]
-    finally:
-        writer.close()
 
 
 async def connect_status(pki: TestPki, local_ip: str, authority: str) -> int | None:
@@ -111,7 +76,7 @@ async def connect_status(pki: TestPki, local_ip: str, authority: str) -> int | N
 async def test_loopback_to_a_configured_port_is_refused_in_any_spelling(ztunnel: Daemon) -> None:
     # SOCKS reply 2 (not allowed): SOCKS5 is configured on 25080, and ::ffff:127.x is loopback too.
     for host, port in ((Z, SOCKS_PORT), (f"::ffff:{Z}", SOCKS_PORT), ("::ffff:127.0.0.1", 15008)):
-        assert await socks_reply(host, port) == 2, (host, port, ztunnel.logs())
+        assert await socks_reply((Z, SOCKS_PORT), SLEEP_IP, host, port) == 2, (host, port, ztunnel.logs())
     assert ztunnel.logs().count("a loop into ztunnel itself") == 3
 
 

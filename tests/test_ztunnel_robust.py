@@ -15,12 +15,12 @@ from pathlib import Path
 import h2.errors
 import h2.events
 import pytest
-import yaml
 
-from tests.support.daemons import Daemon, ztunnel_env
+from tests.support.daemons import Daemon
 from tests.support.pki import TestPki, ident
 from tests.support.rawh2 import RawH2Client
 from tests.support.waiting import eventually
+from tests.support.ztunnel import SOCKS5_NO_AUTH, running_ztunnel, socks_connect, socks_reply, workload
 
 Z, SLEEP_IP, ECHO_IP, OUTSIDE_IP = "127.14.1.1", "127.14.1.10", "127.14.1.20", "127.14.1.99"
 SOCKS, CAPTURE, PLAINTEXT = 15080, 15001, 15006
@@ -29,25 +29,13 @@ DEADLINE = 15.0  # for what a test waits on, never a measure of anything
 TROUBLE = ("Traceback", "never retrieved", "Fatal error", "Exception in callback")
 
 
-def workload(name: str, ip: str) -> dict:
-    return {"uid": f"cluster1//v1/Pod/default/{name}", "name": name, "namespace": "default",
-            "serviceAccount": name.split("-")[0], "workloadIps": [ip], "protocol": "HBONE", "node": "node1",
-            "network": "network1", "clusterId": "cluster1"}  # fmt: skip
-
-
 @pytest.fixture
 async def ztunnel(tmp_path: Path, pki: TestPki):
-    config = tmp_path / "mesh.yaml"
-    config.write_text(yaml.safe_dump({"workloads": [workload("sleep-1", SLEEP_IP), workload("echo-1", ECHO_IP)]}))
-    env = ztunnel_env(Z, config, pki.paths["cluster1"], NETWORK="network1", SOCKS5_ADDR=f"{Z}:{SOCKS}",
-                      OUTBOUND_ADDR=f"{Z}:{CAPTURE}", INBOUND_PLAINTEXT_ADDR=f"{Z}:{PLAINTEXT}",
-                      LOG_LEVEL="debug")  # fmt: skip
-    daemon = Daemon("ztunnel_py", env, tmp_path / "ztunnel.log", f"{Z}:15021").start()
-    try:
-        await daemon.wait_ready()
+    config = {"workloads": [workload("sleep-1", SLEEP_IP), workload("echo-1", ECHO_IP)]}
+    async with running_ztunnel(Z, tmp_path, config, pki.paths["cluster1"], NETWORK="network1",
+                               SOCKS5_ADDR=f"{Z}:{SOCKS}", OUTBOUND_ADDR=f"{Z}:{CAPTURE}",
+                               INBOUND_PLAINTEXT_ADDR=f"{Z}:{PLAINTEXT}", LOG_LEVEL="debug") as daemon:  # fmt: skip
         yield daemon
-    finally:
-        daemon.stop()
 
 
 def open_fds(daemon: Daemon) -> int:
@@ -67,25 +55,10 @@ def connect_and_reset(port: int, payload: bytes) -> None:
         sock.close()
 
 
-def socks_connect(host: bytes, port: int, atyp: int = 3) -> bytes:
-    address = bytes([len(host)]) + host if atyp == 3 else host
-    return b"\x05\x01\x00" + bytes([5, 1, 0, atyp]) + address + struct.pack("!H", port)
-
-
 def closed_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]  # nothing listens there once this socket is closed
-
-
-async def socks_reply(request: bytes) -> int:
-    reader, writer = await asyncio.open_connection(Z, SOCKS, local_addr=(SLEEP_IP, 0))
-    try:
-        writer.write(request)
-        assert await reader.readexactly(2) == b"\x05\x00"
-        return (await reader.readexactly(10))[1]
-    finally:
-        writer.close()
 
 
 def set_log_level(level: str) -> None:
@@ -98,13 +71,13 @@ async def test_clients_that_reset_at_once_cost_nothing(ztunnel: Daemon) -> None:
     # uvloop has no peer address for a client that is already gone when its connection is first seen. On every
     # listener that takes plain TCP such a client is let go quietly, and its descriptor with it.
     baseline = open_fds(ztunnel)
-    request = socks_connect(socket.inet_aton(OUTSIDE_IP), closed_port(OUTSIDE_IP), atyp=1)
-    for port, payload in ((CAPTURE, b""), (PLAINTEXT, b""), (SOCKS, request), (SOCKS, b"\x05\x01\x00")):
+    request = SOCKS5_NO_AUTH + socks_connect(OUTSIDE_IP, closed_port(OUTSIDE_IP))
+    for port, payload in ((CAPTURE, b""), (PLAINTEXT, b""), (SOCKS, request), (SOCKS, SOCKS5_NO_AUTH)):
         await asyncio.to_thread(lambda: [connect_and_reset(port, payload) for _ in range(200)])  # noqa: B023
     await eventually(lambda: open_fds(ztunnel) <= baseline, f"ztunnel is back to {baseline} descriptors", DEADLINE)
     assert not [t for t in TROUBLE if t in ztunnel.logs()], ztunnel.logs()[-3000:]
     # And it still serves: a SOCKS5 client gets its answer.
-    assert await socks_reply(socks_connect(socket.inet_aton(OUTSIDE_IP), closed_port(OUTSIDE_IP), atyp=1)) == 5
+    assert await socks_reply((Z, SOCKS), SLEEP_IP, OUTSIDE_IP, closed_port(OUTSIDE_IP)) == 5
 
 
 def syn_sent_to(host: str, port: int) -> bool:
@@ -178,7 +151,7 @@ async def test_debug_logging_never_shows_request_headers(ztunnel: Daemon, pki: T
 
 async def test_control_characters_are_escaped_in_the_log(ztunnel: Daemon) -> None:
     host = b"evil\r\n\x00\x1b[2J.example"
-    assert await socks_reply(socks_connect(host, 80)) == 4  # no route: host unreachable
+    assert await socks_reply((Z, SOCKS), SLEEP_IP, host, 80) == 4  # no route: host unreachable
     await eventually(lambda: "evil" in ztunnel.logs(), "the refusal is logged", DEADLINE)
     raw = ztunnel.log_path.read_bytes()
     assert not any(c in raw for c in (b"\r", b"\x00", b"\x1b")), raw[-2000:]
@@ -188,4 +161,4 @@ async def test_control_characters_are_escaped_in_the_log(ztunnel: Daemon) -> Non
 async def test_refused_tcp_connect_is_socks_connection_refused(ztunnel: Daemon) -> None:
     # Not a mesh destination: a plain TCP connection to where nothing listens is reply 05, not 04.
     port = closed_port(OUTSIDE_IP)
-    assert await socks_reply(socks_connect(socket.inet_aton(OUTSIDE_IP), port, atyp=1)) == 5, ztunnel.logs()
+    assert await socks_reply((Z, SOCKS), SLEEP_IP, OUTSIDE_IP, port) == 5, ztunnel.logs()
