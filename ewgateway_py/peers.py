@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from hbone import baggage
 from hbone.identity import Identity
 from mesh.metrics import BaggageMetrics, PeerLabels
 from mesh.model import Workload
+from mesh.peers import peer_from_baggage
 
 
 class SourceLabeller:
@@ -32,11 +32,10 @@ class SourceLabeller:
     def labels(self, identity: Identity | None, baggage_values: Sequence[bytes]) -> PeerLabels:
         if identity is None:  # the listener requires a client certificate; kept for type safety
             return PeerLabels()
-        if self.baggage_enabled and baggage_values:
-            result = baggage.parse(baggage_values)
-            self.baggage_metrics.record(result)
-            if result.baggage != baggage.EMPTY:
-                return PeerLabels.of_peer_baggage(result.baggage, identity)
+        if self.baggage_enabled:
+            described = peer_from_baggage(baggage_values, identity, self.baggage_metrics)
+            if described is not None:
+                return described
         # Without baggage, a peer from another network is its verified identity and nothing more (SPEC §4.3:
         # its labels are `unknown`), as ztunnel and the waypoint report it.
         return PeerLabels(principal=str(identity))

@@ -25,8 +25,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import h11
 from prometheus_client import CollectorRegistry
 
+from mesh.logs import LOG_LEVELS, set_log_level
 from mesh.metrics import render
-from mesh.runner import LOG_LEVELS, set_log_level
 
 log = logging.getLogger("mesh.http")
 

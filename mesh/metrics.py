@@ -83,6 +83,18 @@ def _v(value: str | None) -> str:
     return value if value else UNKNOWN
 
 
+def grpc_response_status(grpc: bool, status: int | str | None) -> str:
+    """The `grpc_response_status` label of a request.
+
+    Empty for plain HTTP (Envoy does the same): Prometheus treats an empty label as absent, which is what "only
+    present for gRPC" means to a query. For gRPC, the status, or `unknown` without one (no response, no
+    trailers), as every missing value (SPEC §7).
+    """
+    if not grpc:
+        return ""
+    return _v(None if status is None else str(status))
+
+
 @dataclass(frozen=True, slots=True)
 class PeerLabels:
     """What the metrics say about one end of a connection (source or destination)."""
@@ -448,10 +460,8 @@ class HttpMetrics:
         request_bytes: int,
         response_bytes: int,
     ) -> None:
-        # grpc_response_status is empty for plain HTTP (Envoy does the same); Prometheus treats an empty
-        # label as absent, which is what "only present for gRPC" means to a query.
-        # gRPC without a status is `unknown`, as every missing value.
-        grpc = "" if grpc_status is None else (str(grpc_status) or "unknown")
+        """`grpc_status` counts only for a gRPC request (`request_protocol` grpc); None when it had none."""
+        grpc = grpc_response_status(labels.request_protocol == "grpc", grpc_status)
         values = (*labels.values(), str(response_code), grpc)
         self.requests.labels(*values).inc()
         self.duration.labels(*values).observe(duration_ms)
@@ -506,6 +516,7 @@ __all__: Sequence[str] = (
     "TcpRecorder",
     "TrafficLabels",
     "build_info",
+    "grpc_response_status",
     "new_registry",
     "render",
 )

@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from hbone.baggage import parse as parse_baggage
+from hbone.identity import Identity
 from mesh import accesslog
 from mesh import metrics as metrics_module
 from mesh.accesslog import AccessLog, configure_access_log, format_text
@@ -34,6 +35,7 @@ from mesh.metrics import (
     render,
 )
 from mesh.model import Locality, Workload
+from mesh.peers import peer_from_baggage
 
 TCP_COUNTERS = (
     "istio_tcp_connections_opened_total",
@@ -174,13 +176,17 @@ async def test_http_metrics_buckets_and_labels(stats: tuple) -> None:
                            connection_security_policy="mutual_tls")
     http.record(labels, 200, None, duration_ms=3.0, request_bytes=0, response_bytes=1234)
     http.record(labels.replace(request_protocol="grpc"), 200, 0, 0.2, 10, 10)
+    http.record(labels.replace(request_protocol="grpc"), 503, None, 0.2, 10, 0)  # no status: no trailers
 
     _, text = await scrape(port, "/stats/prometheus")
-    (grpc, plain) = sorted(samples(text, "istio_requests_total"), key=lambda s: s.labels["request_protocol"])
+    requests = samples(text, "istio_requests_total")
+    (plain,) = [s for s in requests if s.labels["request_protocol"] == "http"]
     assert set(plain.labels) == set(HTTP_LABEL_NAMES)
     assert plain.labels["grpc_response_status"] == ""  # plain HTTP: empty, as Envoy reports it
     assert plain.labels["response_code"] == "200" and plain.labels["reporter"] == "waypoint"
-    assert grpc.labels["grpc_response_status"] == "0"
+    grpc = {s.labels["response_code"]: s.labels["grpc_response_status"] for s in requests
+            if s.labels["request_protocol"] == "grpc"}  # fmt: skip
+    assert grpc == {"200": "0", "503": "unknown"}  # gRPC without a status: `unknown`, as every missing value
     for hist in ("istio_request_duration_milliseconds", "istio_request_bytes", "istio_response_bytes"):
         buckets = [s for s in samples(text, hist + "_bucket") if s.labels["request_protocol"] == "http"]
         edges = [float(s.labels["le"]) for s in buckets]
@@ -248,6 +254,26 @@ def test_peer_labels_from_workload_and_baggage() -> None:
     registry = new_registry()
     BaggageMetrics(registry).record(parse_baggage(["k8s.deployment.name=a b"]))
     assert registry.get_sample_value("istio_baggage_dropped_items_total", {"reason": "invalid_value"}) == 1
+
+
+def test_peer_from_baggage_pins_the_namespace_and_treats_unusable_baggage_as_absent() -> None:
+    registry = new_registry()
+    counted = BaggageMetrics(registry)
+    stranger = Identity("cluster.local", "elsewhere", "stranger")
+    claim = [b"k8s.namespace.name=default,k8s.deployment.name=liar,service.name=a b", b"service.version=v1"]
+    labels = peer_from_baggage(claim, stranger, counted)
+    assert labels is not None
+    assert (labels.workload, labels.version, labels.canonical_service) == ("liar", "v1", None)
+    assert labels.namespace == "elsewhere" and labels.principal == str(stranger)  # the certificate's, not the claim
+    assert registry.get_sample_value("istio_baggage_dropped_items_total", {"reason": "invalid_value"}) == 1
+    # No header, one refused whole, one naming nothing we know: all absent (the caller's fallback applies).
+    assert peer_from_baggage([], stranger, counted) is None
+    assert peer_from_baggage([b"service.name=sl\xe9ep"], stranger, counted) is None
+    assert peer_from_baggage([b"x-unknown=1"], stranger, counted) is None
+    assert registry.get_sample_value("istio_baggage_dropped_items_total", {"reason": "not_ascii"}) == 1
+    # Without a verified identity there is nothing to pin: the baggage is all there is.
+    anonymous = peer_from_baggage([b"k8s.namespace.name=default"], None, counted)
+    assert anonymous is not None and anonymous.namespace == "default" and anonymous.principal is None
 
 
 # --- access log -----------------------------------------------------------------------------------------

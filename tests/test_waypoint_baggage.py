@@ -163,3 +163,29 @@ async def test_client_baggage_cannot_claim_another_namespace(
     assert s.labels["source_workload_namespace"] == "elsewhere"
     assert s.labels["source_principal"] == str(stranger)
     assert (s.labels["source_canonical_service"], s.labels["source_cluster"]) == ("claims-default", "cluster1")
+
+
+async def test_response_baggage_cannot_claim_another_namespace(
+    pki: TestPki, topo: Topology, waypoint: WaypointProcess, endpoints: Endpoints
+) -> None:
+    """The destination's response baggage describes it, local or through a gateway, but its namespace is the
+    one its certificate proves: a `default` endpoint saying `k8s.namespace.name=elsewhere` stays in `default`."""
+    assert endpoints.remote is not None
+    for stand_in, name in ((endpoints.ztunnels["echo-v2"], "echo-v2-claims"), (endpoints.remote, "remote-claims")):
+        claim = baggage_of(name).replace("k8s.namespace.name=default", "k8s.namespace.name=elsewhere")
+        assert "k8s.namespace.name=elsewhere" in claim
+        stand_in.response_baggage = claim
+    for service, path in (("echo", "/v2/claim"), ("remote", "/")):
+        _, tunnel = await open_tunnel(pki, CLIENT_ID, waypoint.inbound, WAYPOINT_ID, topo.authority(service),
+                                      [("baggage", baggage_of("sleep-claims"))])  # fmt: skip
+        client = Http1Client(tunnel)
+        assert (await client.request("GET", path, service)).status == 200
+        client.close()
+    samples = series(waypoint.scrape(), "istio_requests_total", source_workload="sleep-claims")
+    by_service = {s.labels["destination_service"]: s.labels for s in samples}
+    assert set(by_service) == {fqdn("echo-v2"), fqdn("remote")}
+    v2, remote = by_service[fqdn("echo-v2")], by_service[fqdn("remote")]
+    assert (v2["destination_workload"], v2["destination_workload_namespace"]) == ("echo-v2-claims", "default")
+    assert v2["destination_principal"] == "spiffe://cluster.local/ns/default/sa/echo-v2"
+    assert (remote["destination_workload"], remote["destination_workload_namespace"]) == ("remote-claims", "default")
+    assert remote["destination_principal"] == str(REMOTE_ID)

@@ -1,43 +1,70 @@
-"""ztunnel's inbound with the baggage exchange on (SPEC §4): a source the state does not know by its address
-is described by its request baggage, but its namespace is the one its certificate proves, as at the gateway."""
+"""ztunnel with the baggage exchange on (SPEC §4): a source the state does not know by its address is described
+by its request baggage, and a double-HBONE destination by its inner response baggage; either way the namespace
+is the one the peer's certificate proves, as at the gateway, and a header refused whole counts as absent."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 import yaml
 
+from hbone.baggage import REASON_NOT_ASCII
 from hbone.client import dial
 from hbone.identity import Identity
 from tests.support.apps import TcpApp, echo, stream_pair
 from tests.support.daemons import Daemon, metric_samples, scrape, ztunnel_env
 from tests.support.pki import TestPki, ident
+from tests.support.standins import StandInHbone
 
 Z, SLEEP_IP, ECHO_IP, UNKNOWN_IP = "127.17.1.1", "127.17.1.10", "127.17.1.20", "127.17.1.77"
+GATEWAY_IP, REMOTE_ZTUNNEL_IP, REMOTE_APP_IP, REMOTE_VIP = "127.17.2.1", "127.17.2.10", "127.17.2.20", "127.17.9.1"
 APP_PORT = 8080
 CLAIM = "k8s.cluster.name=cluster1,k8s.namespace.name=default,k8s.deployment.name=claims-default,service.name=cd"
+NOT_ASCII = "k8s.deployment.name=sl\xe9ep,service.name=liar"  # sent as latin-1: one byte 0xE9
+REMOTE_HOST = "remote.default.svc.cluster.local"
+# network2's endpoint of `remote`: its certificate is of namespace `elsewhere`, its baggage claims `default`.
+REMOTE_ID = Identity("cluster.local", "elsewhere", "remote")
+REMOTE_CLAIM = "k8s.cluster.name=cluster2,k8s.namespace.name=default,k8s.deployment.name=remote-bg,service.name=rb"
 
 
-def workload(name: str, ip: str) -> dict:
+def workload(name: str, ip: str | None, network: str = "network1", **extra: object) -> dict:
     return {
         "uid": f"cluster1//v1/Pod/default/{name}",
         "name": name,
         "workloadName": name.split("-")[0],
         "namespace": "default",
         "serviceAccount": name.split("-")[0],
-        "workloadIps": [ip],
+        "workloadIps": [ip] if ip else [],
         "protocol": "HBONE",
-        "node": "node1",
-        "network": "network1",
+        "node": "node1" if network == "network1" else "",
+        "network": network,
         "clusterId": "cluster1",
+        **extra,
     }
+
+
+def mesh_config() -> dict:
+    return {
+        "workloads": [
+            workload("sleep-1", SLEEP_IP),
+            workload("echo-1", ECHO_IP),
+            {**workload("eastwest-1", GATEWAY_IP, "network2"), "namespace": "istio-system"},
+            workload("remote-1", None, "network2", services={f"default/{REMOTE_HOST}": {80: APP_PORT}},
+                     networkGateway={"destination": f"network2/{GATEWAY_IP}", "hboneMtlsPort": 15008}),
+        ],
+        "services": [
+            {"name": "remote", "namespace": "default", "hostname": REMOTE_HOST, "vips": [f"network1/{REMOTE_VIP}"],
+             "ports": {80: APP_PORT}, "subjectAltNames": [str(REMOTE_ID)]},
+        ],
+    }  # fmt: skip
 
 
 @pytest.fixture
 async def ztunnel(tmp_path: Path, pki: TestPki):
     config = tmp_path / "mesh.yaml"
-    config.write_text(yaml.safe_dump({"workloads": [workload("sleep-1", SLEEP_IP), workload("echo-1", ECHO_IP)]}))
+    config.write_text(yaml.safe_dump(mesh_config()))
     env = ztunnel_env(Z, config, pki.paths["cluster1"], NETWORK="network1", AMBIENT_ENABLE_BAGGAGE="true",
                       INBOUND_PLAINTEXT_ADDR="off")  # fmt: skip
     daemon = Daemon("ztunnel_py", env, tmp_path / "ztunnel.log", f"{Z}:15021").start()
@@ -50,10 +77,10 @@ async def ztunnel(tmp_path: Path, pki: TestPki):
         await app.close()
 
 
-async def connect_from(pki: TestPki, source: Identity, source_ip: str) -> None:
-    """One tunnel to the echo app carrying CLAIM as its baggage, a round trip through it, then close."""
+async def connect_from(pki: TestPki, source: Identity, source_ip: str, baggage: str = CLAIM) -> None:
+    """One tunnel to the echo app carrying `baggage`, a round trip through it, then close."""
     conn = await dial((ECHO_IP, 15008), pki.client_ctx(source), [ident("echo")], source_ip=source_ip)
-    tunnel = await conn.open_stream(f"{ECHO_IP}:{APP_PORT}", [("baggage", CLAIM)])
+    tunnel = await conn.open_stream(f"{ECHO_IP}:{APP_PORT}", [("baggage", baggage)])
     reader, writer = stream_pair(tunnel)
     writer.write(b"hello")
     writer.write_eof()
@@ -81,4 +108,52 @@ async def test_a_source_known_by_address_is_named_by_the_state(ztunnel: Daemon, 
     opened = metric_samples(await scrape(f"{Z}:15020"), "istio_tcp_connections_opened_total")
     ((labels, value),) = [(labels, value) for labels, value in opened if labels["reporter"] == "destination"]
     assert (labels["source_workload"], labels["source_workload_namespace"]) == ("sleep", "default")
+    assert value == 1
+
+
+async def test_refused_source_baggage_counts_as_absent(ztunnel: Daemon, pki: TestPki) -> None:
+    """A header the parser refuses whole (SPEC §4.2) is as if none was sent: the source is its verified
+    identity and nothing more, not an empty description pinned to the certificate's namespace."""
+    stranger = Identity("cluster.local", "elsewhere", "stranger")
+    await connect_from(pki, stranger, UNKNOWN_IP, NOT_ASCII)
+    samples = await scrape(f"{Z}:15020")
+    opened = metric_samples(samples, "istio_tcp_connections_opened_total")
+    ((labels, value),) = [(labels, value) for labels, value in opened if labels["reporter"] == "destination"]
+    assert labels["source_principal"] == str(stranger)
+    assert (labels["source_workload"], labels["source_workload_namespace"]) == ("unknown", "unknown")
+    assert value == 1
+    dropped = metric_samples(samples, "istio_baggage_dropped_items_total")
+    assert [v for labels, v in dropped if labels["reason"] == REASON_NOT_ASCII] == [1]
+
+
+async def test_double_hbone_destination_baggage_cannot_claim_another_namespace(ztunnel: Daemon, pki: TestPki) -> None:
+    """The inner CONNECT's response baggage names the remote endpoint (SPEC §4.3, step 5), but its namespace is
+    the one its inner certificate proves."""
+    app = await TcpApp(echo).start(REMOTE_APP_IP, APP_PORT)
+    destination = StandInHbone(pki, REMOTE_ID, cluster="cluster2", response_baggage=REMOTE_CLAIM,
+                               targets={f"{REMOTE_HOST}:80": (REMOTE_APP_IP, APP_PORT)})  # fmt: skip
+    gateway = StandInHbone(pki, ident("eastwest", "istio-system"), cluster="cluster2",
+                           targets={f"{REMOTE_HOST}:80": (REMOTE_ZTUNNEL_IP, 15008)})  # fmt: skip
+    await destination.start(REMOTE_ZTUNNEL_IP, 15008)
+    await gateway.start(GATEWAY_IP, 15008)
+    try:
+        reader, writer = await asyncio.open_connection(Z, 15080, local_addr=(SLEEP_IP, 0))
+        writer.write(b"\x05\x01\x00\x05\x01\x00\x03" + bytes([len(REMOTE_HOST)]) + REMOTE_HOST.encode() + b"\x00\x50")
+        assert await reader.readexactly(12) == b"\x05\x00" + b"\x05\x00\x00\x01" + bytes(6), ztunnel.logs()
+        writer.write(b"hello")
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 10) == b"hello"  # the bound only guards against a hang
+        writer.close()
+        assert len(destination.connects) == 1
+    finally:
+        await gateway.close()
+        await destination.close()
+        await app.close()
+    opened = metric_samples(await scrape(f"{Z}:15020"), "istio_tcp_connections_opened_total")
+    ((labels, value),) = [(labels, value) for labels, value in opened if labels["reporter"] == "source"]
+    assert labels["destination_service"] == REMOTE_HOST
+    assert (labels["destination_workload"], labels["destination_canonical_service"]) == ("remote-bg", "rb")
+    assert labels["destination_cluster"] == "cluster2"
+    assert labels["destination_workload_namespace"] == "elsewhere"
+    assert labels["destination_principal"] == str(REMOTE_ID)
     assert value == 1

@@ -8,11 +8,11 @@ import logging
 import re
 from typing import TYPE_CHECKING
 
-from hbone.baggage import EMPTY, parse
 from hbone.errors import HboneError
 from hbone.identity import Identity
 from hbone.tunnel import Tunnel
 from mesh.metrics import PeerLabels
+from mesh.peers import peer_from_baggage
 from waypoint_py.destination import UnknownDestination, resolve
 from waypoint_py.forward import Downstreamer
 from waypoint_py.h1_server import Http1Exchange, Http1Session
@@ -106,15 +106,10 @@ class Inbound:
         else the local workload with both its verified identity and its IP (a peer from elsewhere stays
         unknown but for its verified identity)."""
         if self.wp.baggage_enabled:
-            values = tunnel.header_values("baggage")
-            if values:
-                result = parse(values)
-                self.wp.baggage_metrics.record(result)
-                # A header refused whole (not ASCII, over 8 KiB) counts as absent (SPEC §4.2): fall through
-                # to the state as if none had been sent.
-                if result.baggage != EMPTY:
-                    # The peer describes itself, but its namespace is the one its certificate proves.
-                    return PeerLabels.of_peer_baggage(result.baggage, principal)
+            # No usable baggage (none, or refused whole): fall through to the state as if none had been sent.
+            described = peer_from_baggage(tunnel.header_values("baggage"), principal, self.wp.baggage_metrics)
+            if described is not None:
+                return described
         if principal is None:
             return PeerLabels()
         via = tunnel.header("x-forwarded-network")

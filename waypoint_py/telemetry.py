@@ -17,7 +17,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from mesh.accesslog import ACCESS_LOGGER, NEEDS_QUOTES, AccessLog
-from mesh.metrics import NO_FLAGS, HttpMetrics, PeerLabels, TrafficLabels
+from mesh.metrics import NO_FLAGS, HttpMetrics, PeerLabels, TrafficLabels, grpc_response_status
 from mesh.model import Service
 
 REPORTER = "waypoint"
@@ -100,9 +100,7 @@ class RequestTelemetry:
     def record(self, r: RequestReport, ended: float) -> None:
         duration_ms = max(0.0, (ended - r.started) * 1000.0)
         flags = r.response_flags
-        # gRPC without a status (no response, no trailers) is `unknown`, as every missing value (SPEC §7).
-        grpc_status = (r.grpc_status or "unknown") if r.grpc else None
-        self._metrics(r, flags, grpc_status, duration_ms)
+        self._metrics(r, flags, grpc_response_status(r.grpc, r.grpc_status), duration_ms)
         if not self._logger.isEnabledFor(logging.INFO):
             return  # nobody listens: no line is formatted
         if self._fast_text:
@@ -111,7 +109,7 @@ class RequestTelemetry:
             self.access_log.write(self._fields(r, flags, duration_ms), message=MESSAGE)
 
     # -- metrics -------------------------------------------------------------------------------------------
-    def _metrics(self, r: RequestReport, flags: str, grpc_status: str | None, duration_ms: float) -> None:
+    def _metrics(self, r: RequestReport, flags: str, grpc_status: str, duration_ms: float) -> None:
         svc = r.service
         svc_key = (svc.hostname, svc.namespace, svc.name) if svc is not None else None
         key = (r.source, r.destination, svc_key, r.grpc, flags, r.response_code, grpc_status)
@@ -128,8 +126,7 @@ class RequestTelemetry:
                 response_flags=flags,
                 connection_security_policy=SECURITY_POLICY,
             )
-            # As HttpMetrics.record: grpc_response_status is empty for plain HTTP.
-            values = (*labels.values(), str(r.response_code), "" if grpc_status is None else grpc_status)
+            values = (*labels.values(), str(r.response_code), grpc_status)
             http = self.http
             children = (http.requests.labels(*values), http.duration.labels(*values),
                         http.request_bytes.labels(*values), http.response_bytes.labels(*values))  # fmt: skip

@@ -11,11 +11,11 @@ import logging
 import secrets
 from dataclasses import dataclass
 
-from hbone.baggage import EMPTY, parse
 from hbone.errors import HboneError
 from hbone.identity import Identity
 from hbone.tunnel import Tunnel
 from mesh.metrics import BaggageMetrics, PeerLabels
+from mesh.peers import peer_from_baggage
 from mesh.routing import Hop, HopKind
 from mesh.upstream import Connector
 from waypoint_py.errors import UpstreamConnectFailed
@@ -114,17 +114,16 @@ class UpstreamDialer:
         return headers
 
     def _destination(self, hop: Hop, tunnel: Tunnel) -> PeerLabels:
-        """The destination peer: its response baggage with the flag on, else what the state knows of a local
-        endpoint; a remote one stays unknown but for the identity its (inner) TLS proved."""
+        """The destination peer: its response baggage with the flag on (the namespace always its verified
+        identity's), else what the state knows of a local endpoint; a remote one stays unknown but for the
+        identity its (inner) TLS proved."""
         principal = tunnel.connection.peer_identity
         if self.baggage_enabled:
+            # No usable baggage (none, or refused whole): the state's labels apply, as without the flag.
             values = tunnel.header_values("baggage", response=True)
-            if values:
-                result = parse(values)
-                self.baggage_metrics.record(result)
-                # Refused whole (not ASCII, over 8 KiB): as if absent (SPEC §4.2), so the state's labels apply.
-                if result.baggage != EMPTY:
-                    return PeerLabels.of_baggage(result.baggage, principal=principal)
+            described = peer_from_baggage(values, principal, self.baggage_metrics)
+            if described is not None:
+                return described
         if hop.kind is HopKind.HBONE and hop.workload is not None and hop.workload.network == self.network:
             return PeerLabels.of_workload(hop.workload, principal=principal)
         return PeerLabels(principal=str(principal) if principal else None)

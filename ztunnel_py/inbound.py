@@ -8,7 +8,6 @@ import logging
 import time
 from dataclasses import dataclass
 
-from hbone import baggage as baggage_codec
 from hbone.identity import Identity
 from hbone.relay import Relay
 from hbone.tlslayer import Buffered
@@ -16,6 +15,7 @@ from hbone.tunnel import Tunnel
 from mesh.authz import ConnectionInfo, decide
 from mesh.metrics import NO_FLAGS, PeerLabels, TrafficLabels
 from mesh.model import Service, Workload
+from mesh.peers import peer_from_baggage
 from ztunnel_py.headers import X_FORWARDED_NETWORK, parse_forwarded_host
 from ztunnel_py.node import Node
 
@@ -146,12 +146,9 @@ class Inbound:
             if known is not None and (principal is None or known.identity == principal):
                 return PeerLabels.of_workload(known, principal=principal)
         if node.response_baggage:
-            parsed = baggage_codec.parse(call.tunnel.header_values("baggage"))
-            node.ctx.baggage_metrics.record(parsed)
-            if parsed.dropped:
-                log.info("baggage from %s: %d item(s) dropped (%s)", principal, parsed.dropped, parsed.reason)
-            # The peer describes itself, but its namespace is the one its certificate proves.
-            return PeerLabels.of_peer_baggage(parsed.baggage, principal)
+            described = peer_from_baggage(call.tunnel.header_values("baggage"), principal, node.ctx.baggage_metrics)
+            if described is not None:
+                return described
         return PeerLabels(principal=str(principal) if principal else None)
 
     def _authorize(self, call: InboundCall) -> None:

@@ -13,13 +13,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from hbone import baggage as baggage_codec
 from hbone.errors import ConnectRefused, HboneError
 from hbone.relay import Relay
 from hbone.tlslayer import Buffered
 from hbone.tunnel import Tunnel
 from mesh.metrics import NO_FLAGS, PeerLabels, TrafficLabels
 from mesh.model import Service, Workload
+from mesh.peers import peer_from_baggage
 from mesh.routing import Hop, HopKind, RoutingError
 from ztunnel_py.headers import X_FORWARDED_NETWORK, connect_headers
 from ztunnel_py.node import Node
@@ -178,12 +178,16 @@ class Outbound:
         if hop is not None and hop.workload is not None:
             if hop.kind is HopKind.DOUBLE_HBONE:
                 # The remote endpoint is known only through the inner CONNECT's answer: its verified
-                # identity, and, when the destination sends it (AMBIENT_ENABLE_BAGGAGE), its baggage.
+                # identity, and, when the destination sends it (AMBIENT_ENABLE_BAGGAGE), its baggage (but
+                # never its namespace: that is the identity's).
                 if inner is not None:
                     peer = inner.connection.peer_identity
-                    parsed = baggage_codec.parse(inner.header_values("baggage", response=True))
-                    self.node.ctx.baggage_metrics.record(parsed)
-                    dst = PeerLabels.of_baggage(parsed.baggage, principal=peer)
+                    values = inner.header_values("baggage", response=True)
+                    described = peer_from_baggage(values, peer, self.node.ctx.baggage_metrics)
+                    if described is not None:
+                        dst = described
+                    elif peer is not None:
+                        dst = PeerLabels(principal=str(peer))
             else:
                 dst = PeerLabels.of_workload(hop.workload, principal=hop.workload.identity)
         return TrafficLabels(

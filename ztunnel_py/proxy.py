@@ -11,13 +11,14 @@ from typing import Any
 
 from hbone.server import HboneServer, ServerIdentity
 from mesh.daemon import DaemonContext
+from mesh.model import DEFAULT_HBONE_PORT
 from mesh.state import MeshState
 from ztunnel_py.capture import CaptureProtocol
 from ztunnel_py.inbound import Inbound
 from ztunnel_py.inbound_plaintext import PlaintextProtocol
 from ztunnel_py.node import Node
 from ztunnel_py.outbound import Outbound
-from ztunnel_py.settings import HBONE_PORT, OFF, PLAINTEXT_PORT
+from ztunnel_py.settings import OFF, PLAINTEXT_PORT
 from ztunnel_py.socks5_listener import socks5_factory
 
 log = logging.getLogger("ztunnel")
@@ -93,7 +94,7 @@ class Ztunnel:
         loop = asyncio.get_running_loop()
         for ip in self.node.local_ips():
             if not s.inbound_addr:
-                wanted[("hbone", ip)] = lambda ip: self.hbone.listen(ip, HBONE_PORT)
+                wanted[("hbone", ip)] = lambda ip: self.hbone.listen(ip, DEFAULT_HBONE_PORT)
             if not s.inbound_plaintext_addr:
                 wanted[("plaintext", ip)] = lambda ip: loop.create_server(
                     lambda: PlaintextProtocol(self.node), ip, PLAINTEXT_PORT, reuse_address=True

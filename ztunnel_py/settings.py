@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from mesh.model import DEFAULT_HBONE_PORT
+from mesh.settings import OFF, Setting, Settings, addr, addr_or_off, common_settings, duration
 
-from mesh.settings import OFF, Setting, addr, addr_or_off, common_settings, duration
-
-# The ports of the per-workload-IP listeners, used when INBOUND_ADDR / INBOUND_PLAINTEXT_ADDR are unset.
-HBONE_PORT = 15008
+# The ports of the per-workload-IP listeners, used when INBOUND_ADDR / INBOUND_PLAINTEXT_ADDR are unset:
+# HBONE on mesh.model.DEFAULT_HBONE_PORT (15008), plaintext capture on this one.
 PLAINTEXT_PORT = 15006
 
 
@@ -54,11 +53,11 @@ def ztunnel_settings() -> list[Setting]:
     ]
 
 
-def own_ports(settings: Any) -> frozenset[int]:
+def own_ports(settings: Settings) -> frozenset[int]:
     """The ports ztunnel's own listeners use, as Istio's `illegal_ports`: traffic there would loop back into
     ztunnel. A listener that is off owns no port."""
     listeners = (
-        settings.inbound_addr or ("", HBONE_PORT),
+        settings.inbound_addr or ("", DEFAULT_HBONE_PORT),
         settings.inbound_plaintext_addr or ("", PLAINTEXT_PORT),
         settings.socks5_addr,
         settings.outbound_addr,
