@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import socket
 import ssl
 from collections.abc import Iterable
@@ -85,9 +86,8 @@ async def client_over(
         # TLS 1.3: our side was done when the server's verdict on our certificate (an alert) came in.
         tls.abort()
         raise TlsFailure(f"{name or 'peer'}: server refused the TLS session: {describe_ssl_error(refusal)}")
-    ssl_object = tls.get_extra_info("ssl_object")
     try:
-        peer = check_server(ssl_object, expected)
+        peer = check_server(tls.get_extra_info("ssl_object"), expected)
     except HboneError as exc:
         tls.abort()
         exc.args = (f"{name or 'peer'}: {exc}",)
@@ -138,7 +138,9 @@ async def dial(
     loop = asyncio.get_running_loop()
     host, port = address
     name = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    local_addr = (source_ip, 0) if source_ip else None
+    # The source workload's IP, so the peer sees who connects; only of the destination's family (a dual-stack
+    # workload reaching an IPv6 pod from its IPv4 address would otherwise fail with EAFNOSUPPORT).
+    local_addr = (source_ip, 0) if source_ip and _same_family(source_ip, host) else None
     try:
         try:
             transport, _ = await asyncio.wait_for(
@@ -166,3 +168,10 @@ async def dial(
         name=name,
         timeout=timeout,
     )
+
+
+def _same_family(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a).version == ipaddress.ip_address(b).version
+    except ValueError:
+        return True  # a name: let the connect decide

@@ -50,6 +50,17 @@ GOAWAY_GRACE = 1.0  # seconds a peer we end for flooding gets to read its GOAWAY
 # then for ever, while a flood is cut after a few hundred streams.
 REJECTED_STREAMS_BURST = 300
 REJECTED_STREAMS_PER_SECOND = 10.0
+# The other half of "rapid reset": a valid CONNECT the peer itself resets (RST_STREAM) before we answered it. Each
+# one still reached `on_stream` (in ztunnel, a task and a dial to the application) and costs the peer nothing, so
+# these are counted too, in a bucket of their own with nghttp2's own figures (its stream_reset_rate_limit: burst
+# 1000, 33 a second), and the connection ends with GOAWAY ENHANCE_YOUR_CALM once it is empty. A separate bucket,
+# because unlike the resets above this is what well-behaved clients do: a gRPC client cancelling calls, curl or
+# a source application giving up on a slow dial; with its own budget no amount of that ever eats into the budget
+# for races, nor the other way round. nghttp2's figures, because nghttp2 (Envoy's HTTP/2 codec) counts every
+# received reset, answered or not, where we count only those of streams not yet answered: any client that lives
+# with Istio's own proxies lives with this. Once we answered, a reset is the normal end of a tunnel and is free.
+CANCELLED_STREAMS_BURST = 1000
+CANCELLED_STREAMS_PER_SECOND = 33.0
 # The certificate-expiry timer runs on the loop's monotonic clock while notAfter is wall-clock time: it wakes at
 # least this often to compare with the wall clock again (which may have been stepped, or the host suspended),
 # and so is never handed the years until a distant notAfter (uvloop overflows on huge delays).
@@ -149,6 +160,8 @@ class HboneConnection(asyncio.Protocol):
         self._goaway_received = False
         self._highest_inbound = 0
         self._resets_left = ResetBudget()  # streams we reset for what the peer sent (REJECTED_STREAMS_BURST)
+        # Streams the peer reset before we answered them (CANCELLED_STREAMS_BURST).
+        self._cancels_left = ResetBudget(CANCELLED_STREAMS_BURST, CANCELLED_STREAMS_PER_SECOND)
         self.ready: asyncio.Future[None] = self._loop.create_future()
         self.closed: asyncio.Future[None] = self._loop.create_future()
         self._handshake_timer: asyncio.TimerHandle | None = None
@@ -169,7 +182,7 @@ class HboneConnection(asyncio.Protocol):
 
     @not_after.setter
     def not_after(self, when: float | None) -> None:
-        # Moved (a certificate replaced or revoked under the connection, a test): the check runs again at once.
+        # For tests (nothing else moves it once the connection is made): the check runs again at once.
         self._not_after = when
         if self._expiry_timer is not None:
             self._expiry_timer.cancel()
@@ -375,16 +388,22 @@ class HboneConnection(asyncio.Protocol):
         stream_id, code = event.stream_id, event.error_code
         name = code_name(code)
         why = None
+        tunnel = self._streams.get(stream_id)
         if isinstance(event, StreamRejected):
             # Our reset, for what the peer sent on this stream; the connection and its other streams go on,
             # unless the peer keeps doing it.
             why = f"stream reset ({name}): {event.reason}"
             if not self._count_rejected(stream_id, why):
                 return
+        elif (
+            # A CONNECT reset before we answered it: by the peer, or by h2 for what the peer sent on it.
+            not self.client and tunnel is not None and tunnel.status is None
+            and not self._count_cancelled(stream_id, name)
+        ):  # fmt: skip
+            return
         waiter = self._pending_open.pop(stream_id, None)
         if waiter is not None and not waiter.done():
             waiter.set_exception(StreamReset(f"CONNECT {why or f'stream reset by server ({name})'}", code))
-        tunnel = self._streams.get(stream_id)
         if tunnel is not None:
             tunnel._on_reset(code, why)
 
@@ -398,6 +417,17 @@ class HboneConnection(asyncio.Protocol):
         log.warning("HTTP/2 peer %s: too many streams reset for what it sent on them (last: stream %d, %s); "
                     "closing", self.peer_name, stream_id, why)  # fmt: skip
         self._calm_down(f"too many streams reset for what the peer sent (last: {why}): ENHANCE_YOUR_CALM")
+        return False
+
+    def _count_cancelled(self, stream_id: int, code_name: str) -> bool:
+        """A CONNECT the peer reset before we answered it: counted (CANCELLED_STREAMS_BURST); False once the peer
+        has done it too often and the connection is ended."""
+        if self._cancels_left.take(self._loop.time()):
+            return True
+        log.warning("HTTP/2 peer %s: too many streams reset by it before they were answered (last: stream %d, %s); "
+                    "closing", self.peer_name, stream_id, code_name)  # fmt: skip
+        self._calm_down(f"too many streams reset by the peer before they were answered ({code_name}): "
+                        "ENHANCE_YOUR_CALM")  # fmt: skip
         return False
 
     def _on_goaway_frame(self, frame: GoAwayFrame) -> None:

@@ -27,8 +27,35 @@ class IdentityError(ValueError):
     """A string that is not an Istio SPIFFE identity, or a certificate that does not carry exactly one."""
 
 
+def check_trust_domain(trust_domain: str) -> str:
+    """`trust_domain` if SPIFFE-ID §2.1 allows it, else IdentityError saying why."""
+    if not trust_domain:
+        raise IdentityError("the trust domain is empty")
+    if len(trust_domain) > MAX_TRUST_DOMAIN_LENGTH:
+        raise IdentityError(f"a trust domain is at most {MAX_TRUST_DOMAIN_LENGTH} characters")
+    if not _TRUST_DOMAIN.fullmatch(trust_domain):
+        raise IdentityError("the trust domain may only hold lowercase letters, digits, '.', '-' and '_'")
+    return trust_domain
+
+
+def check_segment(segment: str) -> str:
+    """`segment` if SPIFFE-ID §2.2 allows it as a path segment (a namespace or service account), else
+    IdentityError saying why."""
+    if not segment:
+        raise IdentityError("a namespace or service account is empty")
+    if segment in (".", "..") or not _SEGMENT.fullmatch(segment):
+        raise IdentityError(
+            "a namespace or service account may only hold letters, digits, '.', '-' and '_', and is not '.' or"
+            " '..' (no percent-encoding, query or fragment)"
+        )
+    return segment
+
+
 @dataclass(frozen=True, slots=True)
 class Identity:
+    """A workload identity. `parse` (a peer's) and `of` (one we issue) check it by the same rules; the bare
+    constructor does not, for callers that already did (and tests that forge a bad certificate on purpose)."""
+
     trust_domain: str
     namespace: str
     service_account: str
@@ -44,21 +71,23 @@ class Identity:
         if len(parts) != 5 or parts[1] != "ns" or parts[3] != "sa":
             raise IdentityError(f"{text!r} is not of the form spiffe://<trust-domain>/ns/<namespace>/sa/<sa>")
         trust_domain, _, namespace, _, service_account = parts
-        if not trust_domain or not namespace or not service_account:
-            raise IdentityError(f"{text!r} has an empty trust domain, namespace or service account")
-        if len(trust_domain) > MAX_TRUST_DOMAIN_LENGTH or not _TRUST_DOMAIN.fullmatch(trust_domain):
-            raise IdentityError(f"{text!r}: the trust domain may only hold lowercase letters, digits, '.', '-' and '_'")
-        for segment in (namespace, service_account):
-            if segment in (".", "..") or not _SEGMENT.fullmatch(segment):
-                raise IdentityError(
-                    f"{text!r}: a namespace or service account may only hold letters, digits, '.', '-' and '_'"
-                    " (no percent-encoding, query or fragment)"
-                )
-        return cls(trust_domain, namespace, service_account)
+        try:
+            return cls._checked(trust_domain, namespace, service_account)
+        except IdentityError as exc:
+            raise IdentityError(f"{text!r}: {exc}") from None
 
     @classmethod
     def of(cls, namespace: str, service_account: str, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> Identity:
-        return cls(trust_domain or DEFAULT_TRUST_DOMAIN, namespace, service_account or "default")
+        """The identity of a workload we issue a certificate for or present: refused (IdentityError) by the rule
+        `parse` applies to peers, so that no name is accepted here only to fail every handshake later."""
+        return cls._checked(trust_domain or DEFAULT_TRUST_DOMAIN, namespace, service_account or "default")
+
+    @classmethod
+    def _checked(cls, trust_domain: str, namespace: str, service_account: str) -> Identity:
+        size = len(SPIFFE_PREFIX) + len(trust_domain) + len(namespace) + len(service_account) + len("/ns//sa/")
+        if size > MAX_ID_LENGTH:
+            raise IdentityError(f"SPIFFE id of {size} characters is longer than {MAX_ID_LENGTH}")
+        return cls(check_trust_domain(trust_domain), check_segment(namespace), check_segment(service_account))
 
     @property
     def principal(self) -> str:

@@ -71,7 +71,7 @@ class HboneServer:
 
     @property
     def sockets(self) -> list[socket.socket]:
-        return [lst.socket for lst in self._listeners if not lst.closed]
+        return [sock for lst in self._listeners if not lst.closed for sock in lst.sockets]
 
     def _accepted(self, sock: socket.socket) -> None:
         task = asyncio.get_running_loop().create_task(self._handshake(sock))
@@ -102,8 +102,7 @@ class HboneServer:
             raw, _ = await loop.connect_accepted_socket(Buffered, sock)
             tls, placeholder = await wrap_tls(raw, chosen.context, server_side=True,
                                               timeout=self.settings.handshake_timeout)
-            ssl_object = tls.get_extra_info("ssl_object")
-            client = check_client(ssl_object, chosen.identity.trust_domain)
+            client = check_client(tls.get_extra_info("ssl_object"), chosen.identity.trust_domain)
         except HboneError as exc:
             self._refuse(sock, local, peer, where, str(exc), tls)
             return
@@ -190,32 +189,39 @@ class Throttle:
 
 
 class Listener:
-    """One listening socket and its accept loop (the `asyncio.Server` part we need: close, sockets)."""
+    """The listening sockets for one address and their accept loops (the `asyncio.Server` part we need: close,
+    sockets). `:port` (no host) listens on every interface, IPv4 and IPv6, as asyncio's servers do; an IPv6
+    socket takes IPv6 only (IPV6_V6ONLY), so a client is always seen by its own address, never as
+    ::ffff:a.b.c.d."""
 
     def __init__(self, server: HboneServer, host: str, port: int, backlog: int = 1024) -> None:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, kind, proto, _, address = infos[0]
-        sock = socket.socket(family, kind, proto)
+        self.sockets: list[socket.socket] = []
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(address)
-            sock.listen(backlog)
-            sock.setblocking(False)
+            for family, kind, proto, _, address in dict.fromkeys(infos):  # getaddrinfo may repeat an entry
+                sock = socket.socket(family, kind, proto)
+                self.sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+                sock.listen(backlog)
+                sock.setblocking(False)
         except OSError:
-            sock.close()
+            for sock in self.sockets:
+                sock.close()
             raise
-        self.socket = sock
-        self.sockets = [sock]
         self.closed = False
         self._server = server
         self._accept_warnings = Throttle(ACCEPT_WARNING_INTERVAL)
-        self._task = asyncio.get_running_loop().create_task(self._accept_loop())
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._accept_loop(sock)) for sock in self.sockets]
 
-    async def _accept_loop(self) -> None:
+    async def _accept_loop(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                conn, _ = await loop.sock_accept(self.socket)
+                conn, _ = await loop.sock_accept(sock)
             except asyncio.CancelledError:
                 raise
             except OSError as exc:
@@ -234,9 +240,12 @@ class Listener:
         if self.closed:
             return
         self.closed = True
-        self._task.cancel()
-        self.socket.close()
+        for task in self._tasks:
+            task.cancel()
+        for sock in self.sockets:
+            sock.close()
 
     async def wait_closed(self) -> None:
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -117,8 +117,9 @@ class VerifiedPeer:
     not_after: float
 
 
-def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket, side: str) -> VerifiedPeer:
-    """The workload identity of the verified peer certificate, or WrongIdentity saying why it has none.
+def verified_peer(ssl_object: ssl.SSLObject | ssl.SSLSocket, side: str) -> VerifiedPeer:
+    """The peer the verified certificate names (workload identity and notAfter), or WrongIdentity saying why it
+    names none.
 
     OpenSSL has checked the chain and validity; the rule for the leaf itself (exactly one URI SAN, a strict
     SPIFFE id, not a CA) is `certificate_identity`, the same one our own certificates are loaded with. The
@@ -152,7 +153,7 @@ def check_session(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> None:
 def check_server(ssl_object: ssl.SSLObject | ssl.SSLSocket, expected: Iterable[Identity]) -> VerifiedPeer:
     """Client side: accept the server only if its one SPIFFE identity is one of the expected identities."""
     check_session(ssl_object)
-    peer = peer_identity(ssl_object, "server")
+    peer = verified_peer(ssl_object, "server")
     wanted = set(expected)
     if peer.identity in wanted:
         return peer
@@ -164,7 +165,7 @@ def check_client(ssl_object: ssl.SSLObject | ssl.SSLSocket, trust_domain: str) -
     """Server side: the client certificate chained to our roots (OpenSSL checked that); its SPIFFE
     identity must be in our trust domain. Which client may do what is authorization's business."""
     check_session(ssl_object)
-    peer = peer_identity(ssl_object, "client")
+    peer = verified_peer(ssl_object, "client")
     if peer.identity.trust_domain != trust_domain:
         raise WrongIdentity(f"client {peer.identity} is not in trust domain {trust_domain!r}")
     return peer

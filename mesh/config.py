@@ -18,7 +18,14 @@ from typing import Any, TypeVar
 import yaml
 
 from hbone.baggage import MAX_VALUE_BYTES, WORKLOAD_TYPES, is_valid_value
-from hbone.identity import DEFAULT_TRUST_DOMAIN, SPIFFE_PREFIX, Identity, IdentityError
+from hbone.identity import (
+    DEFAULT_TRUST_DOMAIN,
+    SPIFFE_PREFIX,
+    Identity,
+    IdentityError,
+    check_segment,
+    check_trust_domain,
+)
 from mesh.model import (
     DEFAULT_HBONE_PORT,
     Action,
@@ -262,6 +269,16 @@ class _Obj:
             raise self.r.fail(self.at(key), f"at most {MAX_VALUE_BYTES} characters of A-Z a-z 0-9 . _ -", value)
         return value
 
+    def spiffe(self, key: str, default: str, check: Callable[[str], str]) -> str:
+        """A part of the workload's SPIFFE identity (trust domain, namespace, service account): held to the rule
+        every peer's certificate is checked by (`hbone.identity`), so that a name no handshake would accept is
+        refused here, naming its key, instead of failing every connection of that workload at run time."""
+        value = self.string(key, default, empty=False)
+        try:
+            return check(value)
+        except IdentityError as e:
+            raise self.r.fail(self.at(key), f"{_show(value)} cannot be part of a SPIFFE id: {e}") from None
+
     def opt(self, key: str, read: Callable[[Any, str], T]) -> T | None:
         """An optional sub-value: None when absent, else `read(value, path)`."""
         return read(self.value[key], self.at(key)) if self.has(key) else None
@@ -315,6 +332,13 @@ def _workload(r: _Reader, value: Any, path: str) -> Workload:
     o = r.obj(value, path, _WORKLOAD_KEYS, required=("name", "namespace"))
     name = o.string("name", empty=False)
     namespace = o.label("namespace", empty=False)
+    o.spiffe("namespace", "", check_segment)
+    service_account = o.spiffe("serviceAccount", "default", check_segment)
+    trust_domain = o.spiffe("trustDomain", DEFAULT_TRUST_DOMAIN, check_trust_domain)
+    try:
+        Identity.of(namespace, service_account, trust_domain)  # each part is good; the whole may be too long
+    except IdentityError as e:
+        raise r.fail(o.at("serviceAccount"), f"{_show(service_account)} cannot be part of a SPIFFE id: {e}") from None
     loc = r.obj(o.get("locality", {}), o.at("locality"), ("region", "zone", "subzone"))
     kind = o.string("workloadType", "deployment").lower()
     if kind not in WORKLOAD_TYPES:
@@ -334,8 +358,8 @@ def _workload(r: _Reader, value: Any, path: str) -> Workload:
         uid=o.string("uid", f"{namespace}/{name}", empty=False),
         name=name,
         namespace=namespace,
-        service_account=o.string("serviceAccount", "default", empty=False),
-        trust_domain=o.string("trustDomain", DEFAULT_TRUST_DOMAIN, empty=False),
+        service_account=service_account,
+        trust_domain=trust_domain,
         workload_ips=r.each(o.get("workloadIps"), o.at("workloadIps"), r.ip),
         protocol=r.enum(Protocol, o.get("protocol", "TCP"), o.at("protocol")),
         network=o.string("network"),

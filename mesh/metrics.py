@@ -148,15 +148,12 @@ class PeerLabels:
         )
 
     @classmethod
-    def of_peer_baggage(cls, b: Baggage, identity: Identity | None) -> PeerLabels:
+    def of_peer_baggage(cls, b: Baggage, identity: Identity) -> PeerLabels:
         """Labels of an mTLS peer that describes itself with baggage: it may name its workload, service,
         cluster and locality, but its namespace is the one its certificate proves, never a claim (a peer in
-        one namespace must not put its traffic in another's series). Without a verified identity there is
-        nothing to pin, and the baggage is all there is."""
-        labels = cls.of_baggage(b, principal=identity)
-        if identity is None:
-            return labels
-        return dataclasses.replace(labels, namespace=identity.namespace)
+        one namespace must not put its traffic in another's series). There is no form without `identity`:
+        baggage is only taken from a peer that authenticated on that connection (SPEC §4.2)."""
+        return dataclasses.replace(cls.of_baggage(b, principal=identity), namespace=identity.namespace)
 
 
 _NO_PEER = PeerLabels()
@@ -424,7 +421,8 @@ class TcpRecorder:
 
 
 class HttpMetrics:
-    """The waypoint's L7 metrics: one `record()` per completed request."""
+    """The waypoint's L7 metric families, each labelled `HTTP_LABEL_NAMES`: the traffic labels' values, then
+    the response code and `grpc_response_status(...)`."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         names = HTTP_LABEL_NAMES
@@ -450,23 +448,6 @@ class HttpMetrics:
             registry=registry,
             buckets=HTTP_BUCKETS,
         )
-
-    def record(
-        self,
-        labels: TrafficLabels,
-        response_code: int | str,
-        grpc_status: int | str | None,
-        duration_ms: float,
-        request_bytes: int,
-        response_bytes: int,
-    ) -> None:
-        """`grpc_status` counts only for a gRPC request (`request_protocol` grpc); None when it had none."""
-        grpc = grpc_response_status(labels.request_protocol == "grpc", grpc_status)
-        values = (*labels.values(), str(response_code), grpc)
-        self.requests.labels(*values).inc()
-        self.duration.labels(*values).observe(duration_ms)
-        self.request_bytes.labels(*values).observe(request_bytes)
-        self.response_bytes.labels(*values).observe(response_bytes)
 
 
 def build_info(registry: CollectorRegistry, component: str, tag: str) -> Gauge:

@@ -20,9 +20,11 @@ def peer_from_baggage(
     Parsed with bounds, and what the bounds drop is counted. None covers a missing header and one refused as
     a whole (not ASCII, over 8 KiB) or that names nothing we know: all count as absent, so the caller does
     what it does without baggage. The namespace is the verified identity's, never the baggage's: a peer may
-    describe itself but not put its traffic in another namespace's series.
+    describe itself but not put its traffic in another namespace's series. A peer with no verified identity
+    (`identity` None: no mTLS on that connection) has no usable baggage at all, whatever it sent (SPEC §4.2):
+    it is neither parsed nor counted.
     """
-    if not values:
+    if not values or identity is None:
         return None
     result = parse(values)
     baggage_metrics.record(result)

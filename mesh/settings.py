@@ -19,10 +19,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from hbone.identity import IdentityError, check_segment, check_trust_domain
+
 # --- value types ----------------------------------------------------------------------------------------
 # A setting's `type` is a parser from text. `str`, `int` and `bool` are accepted as-is for readability and
-# mapped to the parsers below; `addr`, `addr_or_off`, `duration`, `path` and `workload_info` are parsers
-# themselves.
+# mapped to the parsers below; `addr`, `addr_or_off`, `duration`, `path`, `trust_domain` and `workload_info` are
+# parsers themselves.
 
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
@@ -118,7 +120,23 @@ def workload_info(text: str) -> WorkloadInfo:
     parts = text.strip().split("/")
     if len(parts) != 3 or not all(parts):
         raise ValueError("expected namespace/name/service-account")
-    return WorkloadInfo(*parts)
+    namespace, name, service_account = parts
+    # The namespace and service account name our identity: held to the rule every peer checks it by, so a
+    # name that no handshake would accept stops start-up here rather than failing every connection later.
+    try:
+        check_segment(namespace)
+        check_segment(service_account)
+    except IdentityError as e:
+        raise ValueError(str(e)) from None
+    return WorkloadInfo(namespace, name, service_account)
+
+
+def trust_domain(text: str) -> str:
+    """A SPIFFE trust domain (lowercase letters, digits, '.', '-' and '_'), as peers check it in our certificate."""
+    try:
+        return check_trust_domain(text.strip())
+    except IdentityError as e:
+        raise ValueError(str(e)) from None
 
 
 _DESCRIPTIONS: dict[Callable[[str], Any], tuple[str, str]] = {
@@ -131,6 +149,7 @@ _DESCRIPTIONS: dict[Callable[[str], Any], tuple[str, str]] = {
     duration: ("a duration such as 500ms, 5s, 5m or 24h", "DURATION"),
     path: ("a file system path", "PATH"),
     workload_info: ("namespace/name/service-account", "NS/NAME/SA"),
+    trust_domain: ("a SPIFFE trust domain", "DOMAIN"),
 }
 _ALIASES: dict[object, Callable[[str], Any]] = {int: parse_int, bool: parse_bool}
 
@@ -314,7 +333,8 @@ _MAX_WINDOW = 2**31 - 1  # RFC 9113 §6.9.1
 COMMON_SETTINGS: tuple[Setting, ...] = (
     Setting("CLUSTER_ID", default="Kubernetes", help="Cluster this daemon runs in (Istio's default is Kubernetes)."),
     Setting("NETWORK", default="", help="Network this daemon's node is on; empty for a single-network mesh."),
-    Setting("TRUST_DOMAIN", default="cluster.local", help="SPIFFE trust domain of local identities."),
+    Setting("TRUST_DOMAIN", default="cluster.local", type=trust_domain,
+            help="SPIFFE trust domain of local identities."),
     Setting("LOCAL_XDS_PATH", type=path, help="Mesh state file in ztunnel's local config format (watched)."),
     Setting("CA_CERTS_DIR", type=path, help="Directory of the mesh CA used to mint workload certificates."),
     Setting("CERT_DIR", type=path, help="Load workload certificates and keys from this directory instead of "

@@ -320,6 +320,13 @@ ERRORS = [
     (wl('canonicalRevision: "1.0+build5"'), "workloads[0].canonicalRevision", "A-Z a-z 0-9 . _ -"),
     (wl('locality: {region: "us east"}'), "workloads[0].locality.region", "A-Z a-z 0-9 . _ -"),
     (wl(f"clusterId: {'c' * 254}"), "workloads[0].clusterId", "at most 253 characters"),
+    # The parts of a workload's identity hold to the SPIFFE rule its peers check it by (hbone.identity), so a
+    # name no handshake would accept is refused here rather than failing every connection at run time.
+    (wl("trustDomain: Cluster.Local"), "workloads[0].trustDomain", "'Cluster.Local' cannot be part of a SPIFFE id"),
+    (wl("trustDomain: cluster.local:443"), "workloads[0].trustDomain", "may only hold lowercase"),
+    (wl('serviceAccount: "sleep%20v2"'), "workloads[0].serviceAccount", "no percent-encoding"),
+    (wl('serviceAccount: "a/sa/b"'), "workloads[0].serviceAccount", "cannot be part of a SPIFFE id"),
+    ('workloads: [{name: a, namespace: ".."}]', "workloads[0].namespace", "is not '.' or '..'"),
     (wl("services: {svc: {80: 80}}"), "workloads[0].services['svc']", "<namespace>"),
     (wl("services: {ns/h: {80: 80}}"), "workloads[0].services['ns/h']", "defined"),
     (

@@ -12,7 +12,14 @@ from h2.errors import ErrorCodes
 from hyperframe.frame import RstStreamFrame
 
 from hbone.client import dial
-from hbone.connection import REJECTED_STREAMS_BURST, REJECTED_STREAMS_PER_SECOND, H2Settings, ResetBudget
+from hbone.connection import (
+    CANCELLED_STREAMS_BURST,
+    CANCELLED_STREAMS_PER_SECOND,
+    REJECTED_STREAMS_BURST,
+    REJECTED_STREAMS_PER_SECOND,
+    H2Settings,
+    ResetBudget,
+)
 from tests.support.apps import TcpApp, TunnelServer, read_all, stream_pair
 from tests.support.pki import TestPki, ident
 from tests.support.rawh2 import RawH2Client
@@ -190,6 +197,77 @@ async def test_a_peer_that_keeps_sending_malformed_requests_is_cut(pki, server, 
     await peer.close()
 
 
+def connect_and_cancel(peer: RawPeer, authority: str) -> int:
+    """A valid CONNECT and, in the same write (so the server reads both before it can answer), its RST_STREAM
+    CANCEL: what a client does that gives up at once, and the "rapid reset" pattern when done without end."""
+    sid = peer.next_stream_id
+    peer.next_stream_id += 2
+    block = peer.encoder.encode([(":method", "CONNECT"), (":authority", authority)])
+    peer.write(frame(HEADERS, END_HEADERS, sid, block) + RstStreamFrame(sid, error_code=ErrorCodes.CANCEL).serialize())
+    return sid
+
+
+@bounded(60)
+async def test_a_peer_that_keeps_cancelling_its_connects_is_cut(pki, server, echo_app, caplog) -> None:
+    """CVE-2023-44487 from the peer's side: each CONNECT it resets itself before our answer still reached
+    `on_stream` (in ztunnel, a task and a dial to the application), and costs the peer nothing. Past
+    CANCELLED_STREAMS_BURST of them in quick succession the connection ends with GOAWAY ENHANCE_YOUR_CALM and
+    one warning; other connections are served all along."""
+    caplog.set_level(logging.DEBUG, logger="hbone.connection")
+    echo = f"127.0.0.1:{echo_app.port}"
+    peer = await RawPeer.connect(server.address, pki.client_ctx(CLIENT))
+    first = await peer.connect_stream(echo)
+    (flooded,) = server.server.connections
+    other = await dial(server.address, pki.client_ctx(CLIENT), [SERVER])
+    reader, writer = stream_pair(await other.open_stream(echo))
+    seen_before = server.streams_seen
+
+    # Denied authorities: the server answers them without a dial, so only the resets are measured here.
+    sent = [connect_and_cancel(peer, f"{DENIED_HOST}:80") for _ in range(CANCELLED_STREAMS_BURST + 300)]
+    await peer.closed()
+    assert len(peer.goaways) == 1 and peer.goaways[0][1] == ErrorCodes.ENHANCE_YOUR_CALM, peer.summary()
+    # Cut at the first stream past the budget (a few later if the server was slow: the budget refills), and
+    # none of those after it reached the stream handler.
+    last = peer.goaways[0][0]
+    assert last in sent[CANCELLED_STREAMS_BURST : CANCELLED_STREAMS_BURST + 100], (last, sent[CANCELLED_STREAMS_BURST])
+    assert server.streams_seen - seen_before == sent.index(last) + 1
+    assert "ENHANCE_YOUR_CALM" in flooded.close_reason and "before they were answered" in flooded.close_reason
+    assert first not in peer.resets
+    loud = [r.getMessage() for r in caplog.records if r.name == "hbone.connection" and r.levelno > logging.DEBUG]
+    assert len(loud) == 1 and "too many streams reset by it before they were answered" in loud[0], loud
+    await eventually(lambda: flooded not in server.server.connections, "the server to drop the flooded connection")
+
+    writer.write(b"the other connection goes on")
+    writer.write_eof()
+    assert await asyncio.wait_for(reader.read(), 5) == b"the other connection goes on"
+    other.close()
+    await assert_still_serving(pki, server, echo_app)
+    await peer.close()
+
+
+@bounded(60)
+async def test_a_client_that_cancels_now_and_then_keeps_its_connection(pki, server, echo_app) -> None:
+    """What legitimate clients do (a gRPC client cancelling calls, curl aborting, an application giving up on
+    a slow dial) never comes near the budget: cancelled CONNECTs, and tunnels reset once answered, cost
+    nothing but themselves."""
+    echo = f"127.0.0.1:{echo_app.port}"
+    peer = await RawPeer.connect(server.address, pki.client_ctx(CLIENT))
+    first = await peer.connect_stream(echo)
+    for _ in range(3):
+        cancelled = [connect_and_cancel(peer, echo) for _ in range(30)]
+        await peer.ping()  # the server has read them all
+        assert not any(sid in peer.headers for sid in cancelled), peer.summary()  # reset before any answer
+        answered = await peer.connect_stream(echo)
+        await exchange(peer, answered, b"a tunnel between the cancels")
+        peer.write(RstStreamFrame(answered, error_code=ErrorCodes.CANCEL).serialize())  # the end of a tunnel
+        await exchange(peer, first, b"and the first one still")
+    assert not peer.goaways and not peer.eof, peer.summary()
+    (conn,) = server.server.connections
+    assert not conn.is_closed
+    assert not peer.violations, peer.violations
+    await peer.close()
+
+
 def test_the_reset_budget_is_a_token_bucket() -> None:
     budget = ResetBudget(burst=3, rate=2.0)
     assert [budget.take(100.0) for _ in range(4)] == [True, True, True, False]
@@ -198,6 +276,8 @@ def test_the_reset_budget_is_a_token_bucket() -> None:
     assert [budget.take(200.0) for _ in range(4)] == [True, True, True, False]  # refilled to the burst, no more
     # The defaults: a legitimate client's races fit many times over; a flood is cut after a few hundred.
     assert 100 < REJECTED_STREAMS_BURST <= 1000 and REJECTED_STREAMS_PER_SECOND < REJECTED_STREAMS_BURST
+    # The peer's own cancels: nghttp2's figures (Envoy's codec), which count every received reset.
+    assert (CANCELLED_STREAMS_BURST, CANCELLED_STREAMS_PER_SECOND) == (1000, 33.0)
 
 
 @bounded(60)

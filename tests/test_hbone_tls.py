@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import re
 import ssl
 from datetime import UTC, datetime, timedelta
 
@@ -210,6 +211,35 @@ def test_identity_parse_takes_what_istio_writes() -> None:
     assert Identity.parse("spiffe://cluster.local/ns/istio-system/sa/istio-eastwestgateway.v2_x") == Identity(
         "cluster.local", "istio-system", "istio-eastwestgateway.v2_x"
     )
+
+
+@pytest.mark.parametrize(
+    ("namespace", "service_account", "trust_domain", "reason"),
+    [
+        ("default", "client", "Cluster.Local", "trust domain may only hold lowercase"),
+        ("default", "client", "cluster.local:443", "trust domain may only hold lowercase"),
+        ("default", "client", "c" * 256, "at most 255 characters"),
+        ("def%61ult", "client", "cluster.local", "no percent-encoding"),
+        ("..", "client", "cluster.local", "is not '.' or '..'"),
+        ("default", "cli ent", "cluster.local", "may only hold letters"),
+        ("default", "a/sa/b", "cluster.local", "may only hold letters"),
+        ("", "client", "cluster.local", "is empty"),
+    ],
+)
+def test_identities_we_issue_follow_the_rule_for_identities_we_accept(
+    namespace: str, service_account: str, trust_domain: str, reason: str
+) -> None:
+    """`Identity.of` (what we present) refuses what `Identity.parse` (what a peer presents) refuses, for the
+    same reason: otherwise every handshake with such an identity fails at run time."""
+    with pytest.raises(IdentityError, match=re.escape(reason)):
+        Identity.of(namespace, service_account, trust_domain)
+    bogus = f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
+    with pytest.raises(IdentityError, match=re.escape(reason) if "/" not in service_account else "of the form"):
+        Identity.parse(bogus)
+    assert Identity.of("istio-system", "istio-eastwestgateway.v2_x", "td.example") == Identity.parse(
+        "spiffe://td.example/ns/istio-system/sa/istio-eastwestgateway.v2_x"
+    )
+    assert Identity.of("default", "", "") == Identity("cluster.local", "default", "default")  # Istio's defaults
 
 
 async def open_at_once(pki: TestPki, address: tuple[str, int], source: Identity, settings: H2Settings | None = None):

@@ -26,7 +26,6 @@ from mesh.metrics import (
     HTTP_LABEL_NAMES,
     TRAFFIC_LABEL_NAMES,
     BaggageMetrics,
-    HttpMetrics,
     PeerLabels,
     TcpMetrics,
     TrafficLabels,
@@ -36,6 +35,7 @@ from mesh.metrics import (
 )
 from mesh.model import Locality, Workload
 from mesh.peers import peer_from_baggage
+from waypoint_py.telemetry import RequestReport, RequestTelemetry
 
 TCP_COUNTERS = (
     "istio_tcp_connections_opened_total",
@@ -171,12 +171,15 @@ async def test_provisional_recorder_takes_labels_learned_later(stats: tuple) -> 
 
 async def test_http_metrics_buckets_and_labels(stats: tuple) -> None:
     registry, port = stats
-    http = HttpMetrics(registry)
-    labels = TrafficLabels(reporter="waypoint", source=CURL, destination=ECHO, request_protocol="http",
-                           connection_security_policy="mutual_tls")
-    http.record(labels, 200, None, duration_ms=3.0, request_bytes=0, response_bytes=1234)
-    http.record(labels.replace(request_protocol="grpc"), 200, 0, 0.2, 10, 10)
-    http.record(labels.replace(request_protocol="grpc"), 503, None, 0.2, 10, 0)  # no status: no trailers
+    telemetry = RequestTelemetry(registry, AccessLog("text"))
+
+    def request(grpc: bool, code: int, grpc_status: str | None, received: int, sent: int) -> RequestReport:
+        return RequestReport(CURL, None, "10.0.0.1:5000", "POST", "/", "echo", "HTTP/2", grpc, 0.0, ECHO,
+                             response_code=code, grpc_status=grpc_status, request_bytes=received, response_bytes=sent)
+
+    telemetry.record(request(False, 200, None, 0, 1234), ended=0.003)  # 3 ms
+    telemetry.record(request(True, 200, "0", 10, 10), ended=0.0002)
+    telemetry.record(request(True, 503, None, 10, 0), ended=0.0002)  # no status: no trailers
 
     _, text = await scrape(port, "/stats/prometheus")
     requests = samples(text, "istio_requests_total")
@@ -271,9 +274,14 @@ def test_peer_from_baggage_pins_the_namespace_and_treats_unusable_baggage_as_abs
     assert peer_from_baggage([b"service.name=sl\xe9ep"], stranger, counted) is None
     assert peer_from_baggage([b"x-unknown=1"], stranger, counted) is None
     assert registry.get_sample_value("istio_baggage_dropped_items_total", {"reason": "not_ascii"}) == 1
-    # Without a verified identity there is nothing to pin: the baggage is all there is.
-    anonymous = peer_from_baggage([b"k8s.namespace.name=default"], None, counted)
-    assert anonymous is not None and anonymous.namespace == "default" and anonymous.principal is None
+    # Baggage is only taken from a peer that authenticated with mTLS on that connection (SPEC §4.2): without a
+    # verified identity none is usable, however well formed, and none of it is parsed or counted.
+    before = registry.get_sample_value("istio_baggage_dropped_items_total", {"reason": "invalid_value"})
+    good = [b"k8s.cluster.name=c1,k8s.namespace.name=default,k8s.deployment.name=sleep,service.name=sleep"]
+    assert peer_from_baggage(good, stranger, counted) is not None
+    assert peer_from_baggage(good, None, counted) is None
+    assert peer_from_baggage([b"k8s.namespace.name=default,service.name=a b"], None, counted) is None
+    assert registry.get_sample_value("istio_baggage_dropped_items_total", {"reason": "invalid_value"}) == before
 
 
 # --- access log -----------------------------------------------------------------------------------------

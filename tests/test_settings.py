@@ -123,6 +123,14 @@ def test_parsers() -> None:
         ([], {"HTTP2_FRAME_SIZE": "100"}, ["HTTP2_FRAME_SIZE", "below the minimum of 16384"]),
         ([], {"PROXY_WORKLOAD_INFO": "default/curl"},
          ["PROXY_WORKLOAD_INFO", "namespace/name/service-account"]),
+        # The parts of our own identity hold to the SPIFFE rule every peer checks it by (hbone.identity).
+        ([], {"TRUST_DOMAIN": "Cluster.Local"},
+         ["environment variable TRUST_DOMAIN", "--trust-domain", "'Cluster.Local' is not a SPIFFE trust domain",
+          "may only hold lowercase"]),
+        (["--trust-domain", "cluster.local:443"], {}, ["--trust-domain", "TRUST_DOMAIN", "may only hold lowercase"]),
+        ([], {"PROXY_WORKLOAD_INFO": "default/curl/sleep%20v2"},
+         ["PROXY_WORKLOAD_INFO", "no percent-encoding"]),
+        ([], {"PROXY_WORKLOAD_INFO": "../curl/sleep"}, ["PROXY_WORKLOAD_INFO", "is not '.' or '..'"]),
     ],
 )
 def test_bad_values_exit_2_naming_the_setting_and_type(

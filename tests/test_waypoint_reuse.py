@@ -20,6 +20,7 @@ from tests.support.daemons import metric_samples
 from tests.support.http_clients import Http1Client, grpc_calls, open_tunnel
 from tests.support.pki import TestPki
 from tests.support.standins import FakeWriter, reader_with
+from tests.support.waiting import eventually
 from tests.support.waypoint_mesh import CLIENT_ID, WAYPOINT_ID, Endpoints, Topology, fqdn
 from tests.support.waypoint_proc import WaypointProcess, total
 from waypoint_py.errors import UpstreamClosed, UpstreamProtocolError
@@ -95,11 +96,11 @@ async def test_upstream_closing_idle_connections_is_invisible(
     assert await idle_upstreams(waypoint) >= 3
     # The apps time out their idle keep-alive connections: the waypoint drops them as soon as it sees them end.
     assert sum(endpoints.apps[name].drop_idle() for name in ECHOES) >= 3
-    for _ in range(100):
-        if await idle_upstreams(waypoint) == 0:
-            break
-        await asyncio.sleep(0.02)
-    assert await idle_upstreams(waypoint) == 0
+
+    async def none_idle() -> bool:
+        return await idle_upstreams(waypoint) == 0
+
+    await eventually(none_idle, "the waypoint to drop its idle upstream connections")
     for _ in range(12):
         assert (await client.request("GET", "/", "echo")).status == 200
     # The close that crosses the next request on the wire: the request meets a closed connection, is sent

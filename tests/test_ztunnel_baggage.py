@@ -8,15 +8,15 @@ import asyncio
 from pathlib import Path
 
 import pytest
-import yaml
 
 from hbone.baggage import REASON_NOT_ASCII
 from hbone.client import dial
 from hbone.identity import Identity
 from tests.support.apps import TcpApp, echo, stream_pair
-from tests.support.daemons import Daemon, metric_samples, scrape, ztunnel_env
+from tests.support.daemons import Daemon, metric_samples, scrape
 from tests.support.pki import TestPki, ident
 from tests.support.standins import StandInHbone
+from tests.support.ztunnel import SOCKS5_NO_AUTH, running_ztunnel, socks_connect, workload
 
 Z, SLEEP_IP, ECHO_IP, UNKNOWN_IP = "127.17.1.1", "127.17.1.10", "127.17.1.20", "127.17.1.77"
 GATEWAY_IP, REMOTE_ZTUNNEL_IP, REMOTE_APP_IP, REMOTE_VIP = "127.17.2.1", "127.17.2.10", "127.17.2.20", "127.17.9.1"
@@ -29,29 +29,15 @@ REMOTE_ID = Identity("cluster.local", "elsewhere", "remote")
 REMOTE_CLAIM = "k8s.cluster.name=cluster2,k8s.namespace.name=default,k8s.deployment.name=remote-bg,service.name=rb"
 
 
-def workload(name: str, ip: str | None, network: str = "network1", **extra: object) -> dict:
-    return {
-        "uid": f"cluster1//v1/Pod/default/{name}",
-        "name": name,
-        "workloadName": name.split("-")[0],
-        "namespace": "default",
-        "serviceAccount": name.split("-")[0],
-        "workloadIps": [ip] if ip else [],
-        "protocol": "HBONE",
-        "node": "node1" if network == "network1" else "",
-        "network": network,
-        "clusterId": "cluster1",
-        **extra,
-    }
-
-
 def mesh_config() -> dict:
     return {
         "workloads": [
-            workload("sleep-1", SLEEP_IP),
-            workload("echo-1", ECHO_IP),
-            {**workload("eastwest-1", GATEWAY_IP, "network2"), "namespace": "istio-system"},
-            workload("remote-1", None, "network2", services={f"default/{REMOTE_HOST}": {80: APP_PORT}},
+            workload("sleep-1", SLEEP_IP, workloadName="sleep"),
+            workload("echo-1", ECHO_IP, workloadName="echo"),
+            workload("eastwest-1", GATEWAY_IP, node="", network="network2", namespace="istio-system",
+                     workloadName="eastwest"),
+            workload("remote-1", None, node="", network="network2", workloadName="remote",
+                     services={f"default/{REMOTE_HOST}": {80: APP_PORT}},
                      networkGateway={"destination": f"network2/{GATEWAY_IP}", "hboneMtlsPort": 15008}),
         ],
         "services": [
@@ -63,17 +49,12 @@ def mesh_config() -> dict:
 
 @pytest.fixture
 async def ztunnel(tmp_path: Path, pki: TestPki):
-    config = tmp_path / "mesh.yaml"
-    config.write_text(yaml.safe_dump(mesh_config()))
-    env = ztunnel_env(Z, config, pki.paths["cluster1"], NETWORK="network1", AMBIENT_ENABLE_BAGGAGE="true",
-                      INBOUND_PLAINTEXT_ADDR="off")  # fmt: skip
-    daemon = Daemon("ztunnel_py", env, tmp_path / "ztunnel.log", f"{Z}:15021").start()
     app = await TcpApp(echo).start(ECHO_IP, APP_PORT)
     try:
-        await daemon.wait_ready()
-        yield daemon
+        async with running_ztunnel(Z, tmp_path, mesh_config(), pki.paths["cluster1"], NETWORK="network1",
+                                   AMBIENT_ENABLE_BAGGAGE="true", INBOUND_PLAINTEXT_ADDR="off") as daemon:  # fmt: skip
+            yield daemon
     finally:
-        daemon.stop()
         await app.close()
 
 
@@ -138,7 +119,7 @@ async def test_double_hbone_destination_baggage_cannot_claim_another_namespace(z
     await gateway.start(GATEWAY_IP, 15008)
     try:
         reader, writer = await asyncio.open_connection(Z, 15080, local_addr=(SLEEP_IP, 0))
-        writer.write(b"\x05\x01\x00\x05\x01\x00\x03" + bytes([len(REMOTE_HOST)]) + REMOTE_HOST.encode() + b"\x00\x50")
+        writer.write(SOCKS5_NO_AUTH + socks_connect(REMOTE_HOST.encode(), 80))
         assert await reader.readexactly(12) == b"\x05\x00" + b"\x05\x00\x00\x01" + bytes(6), ztunnel.logs()
         writer.write(b"hello")
         writer.write_eof()

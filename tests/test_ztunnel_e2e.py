@@ -208,9 +208,9 @@ async def test_unknown_source_is_refused_with_socks_reply_2(mesh) -> None:
     assert "is not a workload on this node" in mesh["ztunnels"][0].logs()
     # The raw reply, byte for byte.
     reader, writer = await asyncio.open_connection(Z1, 15080)  # from 127.0.0.1: not a workload
-    writer.write(b"\x05\x01\x00")
+    writer.write(SOCKS5_NO_AUTH)
     assert await reader.readexactly(2) == b"\x05\x00"
-    writer.write(b"\x05\x01\x00\x01" + bytes([127, 11, 9, 1]) + (80).to_bytes(2, "big"))
+    writer.write(socks_connect(VIP, 80))
     assert (await reader.readexactly(10))[:2] == b"\x05\x02"
     writer.close()
 

@@ -17,7 +17,7 @@ from tests.support.daemons import Daemon
 from tests.support.pki import TestPki, ident
 from tests.support.rawh2 import RawH2Client
 from tests.support.standins import StandInHbone
-from tests.support.ztunnel import running_ztunnel, socks_reply, workload
+from tests.support.ztunnel import SOCKS5_NO_AUTH, running_ztunnel, socks_connect, socks_reply, workload
 
 Z, SLEEP_IP, ECHO_IP, TUNNELLED_IP = "127.13.1.1", "127.13.1.10", "127.13.1.20", "127.13.1.30"
 GATEWAY_IP, REMOTE_ZTUNNEL_IP, REMOTE_APP_IP = "127.13.2.1", "127.13.2.10", "127.13.2.20"
@@ -119,7 +119,7 @@ async def test_double_hbone_carries_one_traceparent_on_both_connects(ztunnel: Da
     await gateway.start(GATEWAY_IP, 15008)
     try:
         reader, writer = await asyncio.open_connection(Z, SOCKS_PORT, local_addr=(SLEEP_IP, 0))
-        writer.write(b"\x05\x01\x00\x05\x01\x00\x03" + bytes([len(REMOTE_HOST)]) + REMOTE_HOST.encode() + b"\x00\x50")
+        writer.write(SOCKS5_NO_AUTH + socks_connect(REMOTE_HOST.encode(), 80))
         assert await reader.readexactly(12) == b"\x05\x00" + b"\x05\x00\x00\x01" + bytes(6), ztunnel.logs()
         assert await asyncio.wait_for(reader.read(), 10) == b"remote-1"  # the bound only guards against a hang
         writer.close()

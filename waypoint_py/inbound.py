@@ -8,6 +8,7 @@ import logging
 import re
 from typing import TYPE_CHECKING
 
+from hbone.authority import format_authority
 from hbone.errors import HboneError
 from hbone.identity import Identity
 from hbone.tunnel import Tunnel
@@ -59,7 +60,7 @@ class Inbound:
             return
         principal = tunnel.connection.peer_identity
         peer = tunnel.get_extra_info("peername")
-        peer_address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else ""
+        peer_address = format_authority(peer[0], peer[1]) if isinstance(peer, tuple) else ""
         conn = Downstreamer(
             source=self._source(tunnel, view, principal, peer[0] if isinstance(peer, tuple) else ""),
             principal=principal,

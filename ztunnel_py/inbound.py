@@ -8,6 +8,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from hbone.authority import format_authority
 from hbone.identity import Identity
 from hbone.relay import Relay
 from hbone.tlslayer import Buffered
@@ -217,10 +218,10 @@ class Inbound:
         access.write(
             {
                 "direction": "inbound",
-                "src.addr": f"{call.peer[0]}:{call.peer[1]}",
+                "src.addr": format_authority(call.peer[0], call.peer[1]),
                 "src.identity": str(call.source_identity) if call.source_identity else None,
                 "src.workload": call.source_labels.workload if call.source_labels else None,
-                "dst.addr": f"{call.local_ip}:{call.target_port}" if call.target_port else call.local_ip,
+                "dst.addr": format_authority(call.local_ip, call.target_port) if call.target_port else call.local_ip,
                 "dst.hbone_addr": call.tunnel.authority,
                 "dst.service": call.service.hostname if call.service else None,
                 "dst.workload": dest.name if dest else None,

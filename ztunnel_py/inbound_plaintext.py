@@ -7,6 +7,7 @@ import asyncio
 import logging
 import time
 
+from hbone.authority import format_authority
 from hbone.relay import Relay
 from hbone.tlslayer import Buffered
 from mesh.authz import ConnectionInfo, decide
@@ -81,8 +82,8 @@ class PlaintextProtocol(Buffered):
             node.ctx.access_log.write(
                 {
                     "direction": "inbound-plaintext",
-                    "src.addr": f"{peer[0]}:{peer[1]}",
-                    "dst.addr": f"{dst[0]}:{dst[1]}",
+                    "src.addr": format_authority(peer[0], peer[1]),
+                    "dst.addr": format_authority(dst[0], dst[1]),
                     "dst.workload": dest.name,
                     "bytes_recv": result.a_to_b,
                     "bytes_sent": result.b_to_a,

@@ -7,6 +7,7 @@ import ipaddress
 from collections.abc import Iterable
 
 from hbone import baggage as baggage_codec
+from hbone.authority import format_authority
 from mesh.daemon import DaemonContext
 from mesh.metrics import TcpMetrics
 from mesh.model import Workload
@@ -127,11 +128,11 @@ class Node:
         log.write(
             {
                 "direction": "outbound",
-                "src.addr": f"{client[0]}:{client[1]}",
+                "src.addr": format_authority(client[0], client[1]),
                 "src.workload": source.name,
                 "src.namespace": source.namespace,
                 "src.identity": str(source.identity),
-                "dst.addr": f"{hop.address[0]}:{hop.address[1]}",
+                "dst.addr": format_authority(*hop.address),
                 "dst.hbone_addr": hop.authority or None,
                 "dst.service": hop.service_hostname,
                 "dst.workload": hop.workload.name if hop.workload is not None else None,
