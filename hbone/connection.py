@@ -350,7 +350,7 @@ class HboneConnection(asyncio.Protocol):
         tunnel = Tunnel(self, sid, headers)  # type: ignore[arg-type]
         if self.client or self.on_stream is None or self._draining:
             self._h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
-            self._count_rejected(sid, "refused (REFUSED_STREAM): the connection takes no new streams")
+            self.count_rejected(sid, "refused (REFUSED_STREAM): the connection takes no new streams")
             return
         self._streams[sid] = tunnel
         self.idle_since = None
@@ -393,7 +393,7 @@ class HboneConnection(asyncio.Protocol):
             # Our reset, for what the peer sent on this stream; the connection and its other streams go on,
             # unless the peer keeps doing it.
             why = f"stream reset ({name}): {event.reason}"
-            if not self._count_rejected(stream_id, why):
+            if not self.count_rejected(stream_id, why):
                 return
         elif (
             # A CONNECT reset before we answered it: by the peer, or by h2 for what the peer sent on it.
@@ -407,10 +407,10 @@ class HboneConnection(asyncio.Protocol):
         if tunnel is not None:
             tunnel._on_reset(code, why)
 
-    def _count_rejected(self, stream_id: int, why: str) -> bool:
-        """A stream we reset for what the peer sent on it: logged at debug (a peer can send these as fast as it
-        likes), and counted; False once the peer has had too many (REJECTED_STREAMS_BURST) and the connection
-        is ended."""
+    def count_rejected(self, stream_id: int, why: str) -> bool:
+        """A stream we reset or refused (a 400) for what the peer sent on it: logged at debug (a peer can send
+        these as fast as it likes), and counted; False once the peer has had too many (REJECTED_STREAMS_BURST)
+        and the connection is ended."""
         log.debug("HTTP/2 stream %d from %s: %s", stream_id, self.peer_name, why)
         if self._resets_left.take(self._loop.time()):
             return True

@@ -124,18 +124,21 @@ class HboneServer:
         log.debug("%s: HBONE connection %s from %s as %s", self.name, where, client.identity, chosen.identity)
 
     def _check_request(self, tunnel: Tunnel) -> None:
-        where = tunnel.connection.name
         if tunnel.method != "CONNECT":
-            log.info("%s: %s: 400, method %s is not CONNECT", self.name, where, tunnel.method)
-            tunnel.respond(400)
+            self._bad_request(tunnel, f"400, method {tunnel.method} is not CONNECT")
             return
         try:
             tunnel.target = parse_authority(tunnel.authority)
         except BadAuthority as exc:
-            log.info("%s: %s: 400, bad authority: %s", self.name, where, exc)
-            tunnel.respond(400)
+            self._bad_request(tunnel, f"400, bad authority: {exc}")
             return
         self.on_stream(tunnel)
+
+    def _bad_request(self, tunnel: Tunnel, why: str) -> None:
+        # Like a malformed request, it costs the peer only its stream; and like one, it is logged at debug and
+        # counted, so a peer sending them without end is cut instead of filling the log.
+        tunnel.respond(400)
+        tunnel.connection.count_rejected(tunnel.stream_id, why)
 
     def _refuse(
         self,

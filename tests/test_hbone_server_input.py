@@ -199,6 +199,27 @@ async def test_a_peer_that_keeps_sending_malformed_requests_is_cut(pki, server, 
     await peer.close()
 
 
+@bounded(60)
+async def test_a_peer_that_keeps_sending_bad_requests_is_cut(pki, server, echo_app, caplog) -> None:
+    """Well-formed requests we answer 400 (not CONNECT) cost the peer only their stream too, and count against
+    the same budget: a peer sending them without end is cut, and none of them is logged above debug."""
+    caplog.set_level(logging.DEBUG, logger="hbone")
+    peer = await RawPeer.connect(server.address, pki.client_ctx(CLIENT))
+    (flooded,) = server.server.connections
+    get = [(":method", "GET"), (":scheme", "https"), (":path", "/"), (":authority", "127.0.0.1:80")]
+    sent = [send_request(peer, get, end_stream=True) for _ in range(REJECTED_STREAMS_BURST + 500)]
+    await peer.closed()
+    # The server ends the connection with our requests still unread, so its kernel may reset the socket before
+    # the GOAWAY is read here: the reason is checked on the server's side.
+    assert "ENHANCE_YOUR_CALM" in flooded.close_reason, flooded.close_reason
+    assert peer.status(sent[0]) == 400
+    assert len(peer.headers) >= REJECTED_STREAMS_BURST or peer.read_error is not None, peer.summary()
+    loud = [r.getMessage() for r in caplog.records if r.name.startswith("hbone") and r.levelno > logging.DEBUG]
+    assert len(loud) == 1 and "too many streams" in loud[0], loud
+    await assert_still_serving(pki, server, echo_app)
+    await peer.close()
+
+
 def connect_and_cancel(peer: RawPeer, authority: str) -> int:
     """A valid CONNECT and, in the same write (so the server reads both before it can answer), its RST_STREAM
     CANCEL: what a client does that gives up at once, and the "rapid reset" pattern when done without end."""
