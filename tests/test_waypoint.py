@@ -61,8 +61,8 @@ async def test_requests_on_one_connection_spread_over_endpoints(
         seen[resp.headers["x-endpoint"]] += 1
     client.close()
     assert set(seen) == {"echo-1", "echo-2", "echo-3"}
-    for name, n in seen.items():
-        assert 0.23 * 300 <= n <= 0.43 * 300, (name, seen)
+    for name, n in seen.items():  # 100 expected each: 55-145 is over 5 standard deviations (chance 1e-7)
+        assert 55 <= n <= 145, (name, seen)
     # Flag off: labels come from the state, never from the client's baggage; none is sent upstream.
     samples = waypoint.scrape()
     labels = dict(reporter="waypoint", source_workload="sleep", source_canonical_service="sleep",
@@ -93,7 +93,7 @@ async def test_weighted_split(pki: TestPki, topo: Topology, waypoint: WaypointPr
     # Ten keep-alive connections at once, a hundred requests each: the split holds per request.
     results = await asyncio.gather(*(run(c) for c in range(10)))
     to_v2 = sum(name == "echo-v2" for seen in results for name in seen)
-    assert 150 <= to_v2 <= 250, to_v2
+    assert 135 <= to_v2 <= 265, to_v2  # 200 expected: over 5 standard deviations (chance 3e-7)
 
 
 async def test_header_and_path_matches(pki: TestPki, topo: Topology, waypoint: WaypointProcess,
