@@ -16,6 +16,7 @@ from demo.edges import from_prometheus
 from demo.prometheus import BINARY as PROMETHEUS
 from demo.prometheus import Prometheus
 from demo.traffic import send
+from tests.support.waiting import eventually
 from topology.launch import Mesh
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,15 +72,31 @@ async def test_prometheus_reads_the_edges_with_promql(mesh: Mesh, tmp_path: Path
     await prom.start()
     try:
         await send(mesh)
-        await prom.wait_for_scrape()
-        up = await prom.query("up")
+        keys = ("source_workload", "source_cluster", "destination_workload", "destination_cluster")
+        want_edges = {("sleep", "cluster1", "reviews-v1", "cluster2"): 4.0}
+
+        async def scraped() -> tuple[list[dict], dict] | None:
+            """Every target up and the traffic's last counters in: the same queries the assertions read."""
+            up = await prom.query("up")
+            http = await prom.query(
+                "sum by (source_workload, source_cluster, destination_workload, destination_cluster) "
+                "(istio_requests_total)"
+            )
+            tcp = await prom.query(
+                'sum by (source_workload, destination_workload) '
+                '(istio_tcp_connections_opened_total{reporter="destination", destination_cluster="cluster2"})'
+            )  # fmt: skip
+            edges = {tuple(r["metric"][k] for k in keys): float(r["value"][1]) for r in http}
+            pairs = {(r["metric"]["source_workload"], r["metric"]["destination_workload"]) for r in tcp}
+            done = {r["metric"]["daemon"] for r in up} == set(mesh.scrape_targets()) and all(
+                r["value"][1] == "1" for r in up
+            )
+            done = done and {("sleep", "ratings-v1"), ("waypoint", "reviews-v1")} <= pairs
+            return (up, edges) if done and edges == want_edges else None
+
+        up, edges = await eventually(scraped, "Prometheus scrapes every target after the traffic", deadline=30)
         assert {r["metric"]["daemon"] for r in up} == set(mesh.scrape_targets())
         assert all(r["value"][1] == "1" for r in up)
-        http = await prom.query(
-            "sum by (source_workload, source_cluster, destination_workload, destination_cluster) (istio_requests_total)"
-        )
-        keys = ("source_workload", "source_cluster", "destination_workload", "destination_cluster")
-        edges = {tuple(r["metric"][k] for k in keys): float(r["value"][1]) for r in http}
         assert edges == {("sleep", "cluster1", "reviews-v1", "cluster2"): 4.0}
         tcp = await prom.query(
             'sum by (source_workload, source_cluster, destination_workload, destination_cluster) '

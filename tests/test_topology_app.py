@@ -15,6 +15,7 @@ from pathlib import Path
 import h11
 import pytest
 
+from tests.support.waiting import eventually
 from topology.app import pattern, pattern_sha256
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,13 +40,23 @@ async def app() -> AsyncIterator[App]:
         "--version", "v2", "--cluster", "cluster2", "--tcp-echo", f"127.0.0.1:{tcp}",
         env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    for _ in range(200):
-        try:
-            _, w = await asyncio.open_connection("127.0.0.1", http)
+
+    async def listening() -> bool:
+        for port in (http, tcp):
+            try:
+                _, w = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                return False
             w.close()
-            break
-        except OSError:
-            await asyncio.sleep(0.02)
+        return True
+
+    try:
+        await eventually(listening, f"the app listens on its HTTP port {http} and --tcp-echo port {tcp}", deadline=20)
+    except AssertionError:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+        raise
     yield App(proc, http, tcp)
     if proc.returncode is None:
         proc.send_signal(signal.SIGTERM)

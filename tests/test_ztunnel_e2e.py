@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import pytest
 import yaml
 
 from certs import make_mesh_pki
-from tests.support.daemons import Daemon, metric_samples, run_curl, scrape, start_app
+from tests.support.daemons import Daemon, http_get, metric_samples, run_curl, scrape, start_app
+from tests.support.waiting import eventually
 from tests.support.ztunnel import SOCKS5_NO_AUTH, socks_connect, workload, ztunnel_daemon
 from topology.app import pattern_sha256
 
@@ -71,6 +73,25 @@ async def mesh(tmp_path: Path):
         for d in daemons:
             d.stop()
         app.stop()
+
+
+async def config_dumps() -> list[dict]:
+    """Each ztunnel's admin /config_dump (ADMIN_ADDR is <ip>:15000)."""
+    texts = await asyncio.gather(*(asyncio.to_thread(http_get, f"http://{ip}:15000/config_dump") for ip in (Z1, Z2)))
+    return [json.loads(text) for text in texts]
+
+
+async def generations() -> list[int]:
+    return [dump["stateGeneration"] for dump in await config_dumps()]
+
+
+async def until_applied(before: list[int]) -> None:
+    """Until every ztunnel has taken a new mesh config since `before` (their generations then)."""
+
+    async def applied() -> bool:
+        return all(now > then for now, then in zip(await generations(), before, strict=True))
+
+    await eventually(applied, "both ztunnels apply the rewritten mesh.yaml", deadline=10)
 
 
 def socks(*args: str) -> list[str]:
@@ -166,8 +187,9 @@ async def test_deny_policy_refuses_with_401_and_deny_flag_on_both_sides(mesh) ->
         "rules": [[[{"principals": [{"Exact": "cluster.local/ns/default/sa/sleep"}]}]]],
     }
     config: Path = mesh["config"]
+    before = await generations()
     config.write_text(yaml.safe_dump(mesh_config(policies=[deny])))
-    await asyncio.sleep(1.6)  # the file is checked once a second
+    await until_applied(before)  # the file is checked once a second
     code, out, _err = await run_curl(*socks(f"http://{ECHO_HOST}/"))
     assert code != 0 and out == b""
     src = await scrape(f"{Z1}:15020")
@@ -184,8 +206,9 @@ async def test_deny_policy_refuses_with_401_and_deny_flag_on_both_sides(mesh) ->
         "action": "Allow",
         "rules": [[[{"principals": [{"Exact": "cluster.local/ns/default/sa/other"}]}]]],
     }
+    before = await generations()
     config.write_text(yaml.safe_dump(mesh_config(policies=[allow_other], echo_policies=["default/allow-other"])))
-    await asyncio.sleep(1.6)
+    await until_applied(before)
     code, out, _ = await run_curl(*socks(f"http://{ECHO_HOST}/"))
     assert code != 0 and out == b""
 
@@ -194,7 +217,12 @@ async def test_bad_config_is_refused_and_traffic_keeps_flowing(mesh) -> None:
     config: Path = mesh["config"]
     good = config.read_text()
     config.write_text(good.replace("workloadIps:", "workloadIPs:", 1))
-    await asyncio.sleep(1.6)
+
+    async def refused() -> bool:
+        errors = [dump["lastConfigError"] for dump in await config_dumps()]
+        return all(e and "workloadIPs" in e for e in errors) and "refused new mesh config" in mesh["ztunnels"][0].logs()
+
+    await eventually(refused, "both ztunnels refuse the bad mesh.yaml", deadline=10)
     logs = mesh["ztunnels"][0].logs()
     assert "refused new mesh config" in logs and "workloadIPs" in logs and str(config) in logs
     code, out, _ = await run_curl(*socks(f"http://{ECHO_HOST}/"))
