@@ -18,6 +18,7 @@ from hbone.connection import (
     REJECTED_STREAMS_BURST,
     REJECTED_STREAMS_PER_SECOND,
     H2Settings,
+    HboneConnection,
     ResetBudget,
 )
 from tests.support.apps import TcpApp, TunnelServer, read_all, stream_pair
@@ -52,6 +53,25 @@ async def assert_still_serving(pki: TestPki, server: TunnelServer, app: TcpApp) 
     writer.write_eof()
     assert await asyncio.wait_for(reader.read(), 5) == b"still here"
     conn.close()
+
+
+async def others_go_on(
+    pki: TestPki,
+    server: TunnelServer,
+    app: TcpApp,
+    flooded: HboneConnection,
+    stream: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    other: HboneConnection,
+) -> None:
+    """After a flooding connection was cut: the server drops it, a tunnel on another connection opened before
+    the flood still carries data, and new connections are served."""
+    await eventually(lambda: flooded not in server.server.connections, "the server to drop the flooded connection")
+    reader, writer = stream
+    writer.write(b"the other connection goes on")
+    writer.write_eof()
+    assert await asyncio.wait_for(reader.read(), 5) == b"the other connection goes on"
+    other.close()
+    await assert_still_serving(pki, server, app)
 
 
 def closed_port() -> int:
@@ -189,13 +209,7 @@ async def test_a_peer_that_keeps_sending_malformed_requests_is_cut(pki, server, 
     assert len(loud) == 1 and "too many streams reset" in loud[0], loud
     debug = [r for r in records if r.levelno == logging.DEBUG and "malformed header block" in r.getMessage()]
     assert len(debug) == len(peer.resets)
-    await eventually(lambda: flooded not in server.server.connections, "the server to drop the flooded connection")
-
-    writer.write(b"the other connection goes on")
-    writer.write_eof()
-    assert await asyncio.wait_for(reader.read(), 5) == b"the other connection goes on"
-    other.close()
-    await assert_still_serving(pki, server, echo_app)
+    await others_go_on(pki, server, echo_app, flooded, (reader, writer), other)
     await peer.close()
 
 
@@ -260,13 +274,7 @@ async def test_a_peer_that_keeps_cancelling_its_connects_is_cut(pki, server, ech
     assert first not in peer.resets
     loud = [r.getMessage() for r in caplog.records if r.name == "hbone.connection" and r.levelno > logging.DEBUG]
     assert len(loud) == 1 and "too many streams reset by it before they were answered" in loud[0], loud
-    await eventually(lambda: flooded not in server.server.connections, "the server to drop the flooded connection")
-
-    writer.write(b"the other connection goes on")
-    writer.write_eof()
-    assert await asyncio.wait_for(reader.read(), 5) == b"the other connection goes on"
-    other.close()
-    await assert_still_serving(pki, server, echo_app)
+    await others_go_on(pki, server, echo_app, flooded, (reader, writer), other)
     await peer.close()
 
 
