@@ -24,6 +24,9 @@
    cost every tunnel on it. `HboneH2Connection` resets only that stream; every other error stays h2's.
 7. `h2` checks the size of a header list only once its block is complete, and keeps up to 64 frames of the
    block until then (64 MiB with our MAX_FRAME_SIZE). Our frame buffer bounds the block as it grows.
+8. A plain DATA frame that is still arriving is handed on piece by piece as its bytes come (each piece is
+   accounted for as a DATA frame of its size: the windows end where the whole frame would put them), so a
+   large frame is copied once, out of the batch it arrived in, instead of being gathered first.
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ _PADDED = 0x8
 _CLIENT_OPEN, _SERVER_OPEN = ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN
 _OPEN, _HALF_LOCAL, _HALF_REMOTE = StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL, StreamState.HALF_CLOSED_REMOTE
 SMALL_FRAME = 16 * 1024  # below this a DATA payload is joined to its header (one copy, one TLS record)
+PIECE_MIN = 16 * 1024  # an unfinished plain DATA frame with at least this much payload here is passed on now
 
 
 class PlainEncoder(Encoder):
@@ -95,6 +99,9 @@ class FastFrameBuffer(FrameBuffer):
         self._offset = 0
         self._on_goaway = on_goaway
         self._goaways: list[GoAwayFrame] | None = None  # collected while feed() parses a batch
+        # A plain DATA frame being passed on as it arrives (point 8): its stream and the payload still to come.
+        self._piece_stream = 0
+        self._piece_left = 0
         # Bytes of an unfinished header block we keep (its connection sets our SETTINGS_MAX_HEADER_LIST_SIZE).
         self.max_header_block = 64 * 1024
 
@@ -126,6 +133,14 @@ class FastFrameBuffer(FrameBuffer):
 
     def _parse(self, data: bytes | bytearray | memoryview) -> list[Frame | tuple[int, bytes]]:
         items: list[Frame | tuple[int, bytes]] = []
+        if self._piece_left:  # the rest of a DATA frame comes first (nothing else is buffered meanwhile)
+            n = min(self._piece_left, len(data))
+            self._piece_left -= n
+            with memoryview(data) as view:
+                items.append((self._piece_stream, bytes(view[:n])))
+            if n == len(data):
+                return items
+            data = memoryview(data)[n:]
         if self._data or self._preamble_len:
             try:
                 super().add_data(data)  # checks the client preamble
@@ -165,7 +180,11 @@ class FastFrameBuffer(FrameBuffer):
         ):
             end = start + 9 + length
             if end > len(data):
-                return None
+                if len(data) - start - 9 < PIECE_MIN:
+                    return None
+                # Pass on what is here; the rest of the payload follows as it arrives (point 8).
+                end = len(data)
+                self._piece_stream, self._piece_left = stream_id, start + 9 + length - end
             self._offset = end
             with memoryview(data) as view:
                 return stream_id, bytes(view[start + 9 : end])  # one copy (a bytearray slice is two)

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from hyperframe.frame import RstStreamFrame
+from hyperframe.frame import PingFrame, RstStreamFrame
 
 from hbone.client import dial
 from hbone.connection import H2Settings
@@ -125,9 +125,11 @@ async def fill(peer: RawPeer, sid: int, total: int, rng: random.Random) -> int:
 
 
 def overrun(peer: RawPeer, sid: int, kind: str) -> None:
-    """One frame that needs a single byte more window than there is."""
+    """One frame that needs more window than there is (a single byte more, but for `large`)."""
     if kind == "plain":  # the fast path's case
         peer.send_data(sid, b"x")
+    elif kind == "large":  # a frame the server may take in pieces (h2fast point 8), the first one over
+        peer.send_data(sid, bytes(200 * KiB))
     elif kind == "padded":  # no data, but the Pad Length byte is flow-controlled
         peer.send_data(sid, b"", pad=0)
     else:
@@ -141,7 +143,7 @@ def assert_connection_error(peer: RawPeer, code: ErrorCodes, last_stream_id: int
 
 
 # -- 1. stream window ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["plain", "padded", "end_stream"])
+@pytest.mark.parametrize("kind", ["plain", "large", "padded", "end_stream"])
 @bounded(60)
 async def test_stream_window_overrun_is_flow_control_error(pki, server, echo_app, raw_peer, kind) -> None:
     """Exactly the stream window (4 MiB, never replenished) is accepted, counted by both paths together;
@@ -164,7 +166,7 @@ async def test_stream_window_overrun_is_flow_control_error(pki, server, echo_app
 
 
 # -- 2. connection window -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["plain", "padded", "end_stream"])
+@pytest.mark.parametrize("kind", ["plain", "large", "padded", "end_stream"])
 @bounded(60)
 async def test_connection_window_overrun_is_flow_control_error(pki, echo_app, raw_peer, kind) -> None:
     """Stream windows of 256 KiB and a connection window of 384 KiB: one stream fills its own window, a
@@ -192,7 +194,7 @@ async def test_connection_window_overrun_is_flow_control_error(pki, echo_app, ra
         await srv.close()
 
 
-@pytest.mark.parametrize("kind", ["plain", "padded", "end_stream"])
+@pytest.mark.parametrize("kind", ["plain", "large", "padded", "end_stream"])
 @bounded(30)
 async def test_flow_control_error_is_one_goaway_as_in_h2(pki, raw_peer, kind) -> None:
     """h2 answers a window overrun with one GOAWAY, whichever path counted the frame. (Two identical
@@ -361,6 +363,70 @@ async def test_content_length_is_enforced_by_h2(pki, server, echo_app, raw_peer)
     await peer.closed()
     assert_connection_error(peer, ErrorCodes.PROTOCOL_ERROR, sid)
     await assert_still_serving(pki, server.address, echo_app)
+
+
+# -- 4b. a large frame passed on as it arrives -----------------------------------------------------------------
+async def write_slowly(peer: RawPeer, raw: bytes, rng: random.Random) -> None:
+    """`raw` in slices of random sizes, each written on its own, so they reach the server in many reads."""
+    while raw:
+        n = rng.randint(1, 96 * KiB)
+        peer.write(raw[:n])
+        raw = raw[n:]
+        await peer.writer.drain()
+        await asyncio.sleep(0.001)
+
+
+@bounded(60)
+async def test_large_frame_is_passed_on_as_it_arrives(server, echo_app, raw_peer) -> None:
+    """A plain DATA frame of 1 MiB whose first 200 KiB have arrived: the application has them (the echo
+    starts) before the rest is sent. Then the rest in random slices, a frame that ends mid-slice followed by a PING,
+    a padded frame and frames on a second stream: both echoes are byte-exact and h2's counters agree with
+    the peer's to the byte."""
+    peer = await raw_peer(server.address)
+    first = await peer.connect_stream(f"127.0.0.1:{echo_app.port}")
+    second = await peer.connect_stream(f"127.0.0.1:{echo_app.port}")
+    rng = random.Random(11)
+    sent: dict[int, bytearray] = {first: bytearray(), second: bytearray()}
+    big = rng.randbytes(1 * MiB)
+    raw = frame(0x0, 0, first, big)
+    peer.send_conn_window -= len(big)
+    peer.send_windows[first] -= len(big)
+    # The peer writes no WINDOW_UPDATE of its own until its frames are all out (it would land inside one):
+    # meanwhile the echo stops at the peer's 64 KiB connection window.
+    peer.auto_window_update = False
+    peer.write(raw[: 9 + 200 * KiB])
+    await peer.until(lambda: len(peer.data[first]) >= 32 * KiB, "the start of the unfinished frame's echo")
+    await write_slowly(peer, raw[9 + 200 * KiB :], rng)
+    sent[first] += big
+    # Then frames back to back, cut into slices anywhere: DATA frames of random sizes on both streams (some
+    # padded, some larger than a slice), PINGs between them. Well within both windows.
+    raw = b""
+    for _ in range(24):
+        sid = rng.choice((first, second))
+        data = rng.randbytes(rng.randint(0, 150 * KiB))
+        pad = rng.choice((None, None, 0, 200))
+        payload = data if pad is None else bytes([pad]) + data + bytes(pad)
+        raw += frame(0x0, 0 if pad is None else 0x8, sid, payload)
+        peer.send_conn_window -= len(payload)
+        peer.send_windows[sid] -= len(payload)
+        sent[sid] += data
+        if rng.random() < 0.3:
+            raw += PingFrame(0, opaque_data=rng.randbytes(8)).serialize()
+    await write_slowly(peer, raw, rng)
+    peer.auto_window_update = True
+    for sid in (0, first, second):  # (an increment of 0 would be a PROTOCOL_ERROR)
+        if used := DEFAULT_WINDOW - (peer.recv_windows[sid] if sid else peer.recv_conn_window):
+            peer.grant(sid, used)
+    for sid in (first, second):
+        await peer.until(lambda sid=sid: len(peer.data[sid]) >= len(sent[sid]), "the whole echo", timeout=30)
+    await peer.ping()
+    assert not peer.violations and not peer.goaways and not peer.resets, peer.summary()
+    for sid in (first, second):
+        assert bytes(peer.data[sid]) == bytes(sent[sid])
+    h2conn = server.h2()
+    assert h2conn._inbound_flow_control_window_manager.current_window_size == peer.send_conn_window
+    for sid in (first, second):
+        assert h2conn.streams[sid]._inbound_window_manager.current_window_size == peer.send_windows[sid]
 
 
 # -- 5. window accounting over many frames ------------------------------------------------------------------
