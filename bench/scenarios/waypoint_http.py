@@ -20,6 +20,7 @@ cost in this runtime; the waypoint's figure minus it is what its HTTP layer cost
 
 from __future__ import annotations
 
+import importlib.util
 import socket
 import time
 
@@ -32,7 +33,12 @@ from bench.procs import Process, ProcessFailed, python_module
 
 L4 = "L4 ztunnel pair / {mode}"
 WAYPOINT = "via waypoint / {mode}"
-RELAY = "HBONE relay, no HTTP, in the waypoint's place / {mode}"
+# References, each in the waypoint's place: bench.workers.hbone_relay --http <key>.
+REFERENCES = {
+    "none": "HBONE relay, no HTTP, in the waypoint's place / {mode}",
+    "h11": "HBONE + h11 proxy, nothing else, in its place / {mode}",
+    "llhttp": "HBONE + llhttp proxy, nothing else, in its place / {mode}",
+}
 
 TOPOLOGY = """\
 clusters:
@@ -79,22 +85,28 @@ def run(ctx: Context) -> ScenarioResult:
             for load in loads(ctx, closed_loop=False)
         ],
     )
-    # The reference last: it replaces the waypoint for good.
+    # The references last: they replace the waypoint for good, one after the other.
     waypoint.stop()
-    relay = start_relay(ctx, mesh)
-    relay_path = RequestPath(
-        "relay", wp.target, socks5=socks5, bind=client_ip, charged={"src": z1, "wp": relay, "dst": z2}, others=[server]
-    )
     fixed = chosen[0]
-    reference = Variant(
-        RELAY.format(mode=fixed.label), lambda: measure_requests(ctx, relay_path, fixed), {"mode": fixed.label}
-    )
-    results += run_interleaved(ctx, [reference])
+    floors: dict[str, float] = {}
+    skipped = []
+    for http, name in REFERENCES.items():
+        if http == "llhttp" and importlib.util.find_spec("httptools") is None:
+            skipped.append(f"{name.format(mode=fixed.label)}: skipped, httptools is not installed")
+            continue
+        relay = start_relay(ctx, mesh, http)
+        path = RequestPath(http, wp.target, socks5=socks5, bind=client_ip,
+                           charged={"src": z1, "wp": relay, "dst": z2}, others=[server])  # fmt: skip
+        variant = Variant(name.format(mode=fixed.label), lambda p=path: measure_requests(ctx, p, fixed),
+                          {"mode": fixed.label})  # fmt: skip
+        (measured,) = run_interleaved(ctx, [variant])
+        results.append(measured)
+        floors[http] = measured.median("cpu_wp") or 0.0
+        relay.stop()
     ctx.wait_quiet()
     h11_alone = h11cost.cpu_per_1000_requests()
     l4 = next(v for v in results if v.name == L4.format(mode=fixed.label))
     legs = (l4.median("cpu_src") or 0.0) + (l4.median("cpu_dst") or 0.0)
-    relay_legs = next(v for v in results if v.name == RELAY.format(mode=fixed.label)).median("cpu_wp") or 0.0
     notes = [
         f"{ctx.options.runs} runs each, median (min-max); each run {ctx.options.seconds:g} s, "
         f"{ctx.options.connections} connections, GET -> 200 + 1 KiB; fixed rate: latency from each request's "
@@ -102,11 +114,15 @@ def run(ctx: Context) -> ScenarioResult:
         "CPU = CPU s per 1000 requests (= vCPU per 1000 req/s) of the source ztunnel, the waypoint, the "
         "destination ztunnel",
         "target (issue 5): ≤ 0.25 vCPU per 1000 req/s for the waypoint",
-        f"for reference, measured in this run: the waypoint's two HBONE ends alone (an HBONE relay with no "
-        f"HTTP in its place, bench/workers/hbone_relay.py, at {fixed.label}): {relay_legs:.3f} CPU s per 1000 "
-        f"requests; h11 alone, the 11 events the waypoint parses or writes per request (bench/h11cost.py, warm, "
-        f"in one process; a lower bound of h11's share): {h11_alone:.3f}; the two ztunnels of the L4 path "
-        f"together: {legs:.3f}",
+        f"for reference, measured in this run, in the waypoint's place (bench/workers/hbone_relay.py, at "
+        f"{fixed.label}): its two HBONE ends alone {floors.get('none', 0.0):.3f} CPU s per 1000 requests; the same "
+        f"with h11's eleven events per request in callbacks and nothing else (the least an h11 waypoint costs): "
+        + (f"{floors['h11']:.3f}" if "h11" in floors else "-")
+        + "; with llhttp (httptools) instead: "
+        + (f"{floors['llhttp']:.3f}" if "llhttp" in floors else "not measured (httptools not installed)")
+        + f". h11 alone, warm in one process (bench/h11cost.py): {h11_alone:.3f}; the two ztunnels of the L4 "
+        f"path together: {legs:.3f}",
+        *skipped,
     ]
     return ScenarioResult(
         scenario="waypoint-http",
@@ -130,14 +146,14 @@ def run(ctx: Context) -> ScenarioResult:
         extra={
             "h11_cpu_per_1000_requests": h11_alone,
             "l4_ztunnels_cpu_per_1000_requests": legs,
-            "hbone_relay_cpu_per_1000_requests": relay_legs,
+            **{f"relay_{http}_cpu_per_1000_requests": cpu for http, cpu in floors.items()},
         },
     )
 
 
-def start_relay(ctx: Context, mesh: BenchMesh) -> Process:
-    """`bench.workers.hbone_relay` on the (stopped) waypoint's HBONE address, as the waypoint's identity, sending
-    every stream to the server pod's ztunnel; returns once it accepts connections."""
+def start_relay(ctx: Context, mesh: BenchMesh, http: str) -> Process:
+    """`bench.workers.hbone_relay --http <http>` on the (stopped) waypoint's HBONE address, as the waypoint's
+    identity, sending every stream to the server pod's ztunnel; returns once it accepts connections."""
     plan = mesh.mesh.process("cluster1/waypoint/waypoint")
     namespace, _pod, account = plan.env["PROXY_WORKLOAD_INFO"].split("/")
     topology = mesh.mesh.topology
@@ -150,8 +166,9 @@ def start_relay(ctx: Context, mesh: BenchMesh) -> Process:
         "--upstream", f"{server.ip}:15008",
         "--authority", f"{server.ip}:8080",
         "--expect", topology.identity(server.namespace, mesh.mesh.app_spec(server).service_account),
+        "--http", http,
     )  # fmt: skip
-    relay = ctx.procs.start("hbone-relay", argv)
+    relay = ctx.procs.start(f"hbone-relay-{http}", argv)
     host, _, port = plan.env["INBOUND_ADDR"].rpartition(":")
     deadline = time.monotonic() + 15.0
     while True:
