@@ -23,7 +23,8 @@
    (§5.1.2: RST_STREAM REFUSED_STREAM, which a client may retry). On a pooled HBONE connection that would
    cost every tunnel on it. `HboneH2Connection` resets only that stream; every other error stays h2's.
 7. `h2` checks the size of a header list only once its block is complete, and keeps up to 64 frames of the
-   block until then (64 MiB with our MAX_FRAME_SIZE). Our frame buffer bounds the block as it grows.
+   block until then (64 MiB with our MAX_FRAME_SIZE). Our frame buffer bounds the block as it grows. It
+   also refuses a frame over MAX_FRAME_SIZE at its header, where h2 waits for the whole frame (16 MiB).
 8. A plain DATA frame that is still arriving is handed on piece by piece as its bytes come (each piece is
    accounted for as a DATA frame of its size: the windows end where the whole frame would put them), so a
    large frame is copied once, out of the batch it arrived in, instead of being gathered first.
@@ -205,9 +206,11 @@ class FastFrameBuffer(FrameBuffer):
                     frame, length = Frame.parse_frame_header(view[start : start + 9])
                 except (InvalidDataError, InvalidFrameError) as err:
                     raise ProtocolError(f"Received frame with invalid header: {err!s}") from err
+                # Checked at the header, not once the body is in (h2's order): a peer must not get us to keep
+                # up to 16 MiB of a frame that is refused anyway.
+                self._validate_frame_length(length)
                 if available < length + 9:
                     raise StopIteration
-                self._validate_frame_length(length)
                 try:
                     # DATA frames copy their payload out of the view; other frames are small.
                     frame.parse_body(view[start + 9 : start + 9 + length])

@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import os
 import random
+import struct
 from typing import Any
 
 import pytest
@@ -343,6 +344,21 @@ async def test_data_frame_over_max_frame_size_is_frame_size_error(pki, server, e
     await peer.ping()
     assert not peer.goaways and server.held[0].bytes_received == 1 * MiB
     peer.send_data(sid, os.urandom(1 * MiB + 1))
+    await peer.closed()
+    assert_connection_error(peer, ErrorCodes.FRAME_SIZE_ERROR, sid)
+    await assert_still_serving(pki, server.address, echo_app)
+
+
+@pytest.mark.parametrize("kind", [0x0, 0x1, 0x8])  # DATA, HEADERS, CONTINUATION
+@bounded(30)
+async def test_oversized_frame_is_refused_at_its_header(pki, server, echo_app, raw_peer, kind) -> None:
+    """A frame header announcing 16 MiB (over our 1 MiB MAX_FRAME_SIZE) is FRAME_SIZE_ERROR as soon as its
+    9 bytes are in: the server does not wait for (and keep) a body that may never come, so a peer cannot
+    make it hold 16 MiB per connection that way."""
+    peer = await raw_peer(server.address)
+    sid = await peer.connect_stream(HOLD)
+    length = (1 << 24) - 1
+    peer.write(struct.pack("!HBBBL", length >> 8, length & 0xFF, kind, 0, sid) + bytes(1000))
     await peer.closed()
     assert_connection_error(peer, ErrorCodes.FRAME_SIZE_ERROR, sid)
     await assert_still_serving(pki, server.address, echo_app)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import struct
 from pathlib import Path
 
 import h2.config
@@ -231,6 +232,28 @@ async def test_http2_client_reset_cancels_the_upstream_stream(pki: TestPki, topo
     await eventually(lambda: requests_of(waypoint, "custom", request_protocol="grpc", response_code="0",
                                          response_flags="DC", grpc_response_status="unknown") == 1,
                      "the cancelled call is counted")  # fmt: skip
+
+
+async def test_http2_oversized_frame_is_refused_at_its_header(pki: TestPki, topo: Topology,
+                                                              waypoint: WaypointProcess) -> None:  # fmt: skip
+    """A client's frame header announcing 1 MiB, over the waypoint's MAX_FRAME_SIZE (HTTP/2's default 16 KiB):
+    GOAWAY FRAME_SIZE_ERROR as soon as the header is in, not once a body the client may never send is kept."""
+    _, tunnel = await open_tunnel(pki, CLIENT_ID, waypoint.inbound, WAYPOINT_ID, topo.authority("echo"))
+    client = H2Client(tunnel)
+    sid = client.request("echo", "/upload")  # an open stream, its body to come
+    length = 1 * MiB
+    client.writer.write(struct.pack("!HBBBL", length >> 8, length & 0xFF, 0x0, 0, sid) + bytes(1000))
+    ended: list[h2.events.ConnectionTerminated] = []
+
+    async def until_goaway() -> None:
+        while not ended:
+            data = await client.reader.read(1 << 16)
+            assert data, "the connection closed without GOAWAY"
+            ended.extend(e for e in client.conn.receive_data(data) if isinstance(e, h2.events.ConnectionTerminated))
+
+    await asyncio.wait_for(until_goaway(), DEADLINE)
+    assert ended[0].error_code == ErrorCodes.FRAME_SIZE_ERROR
+    client.close()
 
 
 async def test_http1_client_close_cancels_the_upstream_request(pki: TestPki, topo: Topology,

@@ -23,6 +23,7 @@ from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
 from hbone.errors import code_name
+from hbone.h2fast import FastFrameBuffer
 from waypoint_py.http_types import Headers
 from waypoint_py.streams import READ_SIZE
 
@@ -117,6 +118,13 @@ class H2Driver:
         self.on_stream = on_stream
         config = h2.config.H2Configuration(client_side=client, header_encoding=None)
         self.h2 = h2.connection.H2Connection(config)
+        # h2's frame buffer keeps a frame until it is whole, even one over MAX_FRAME_SIZE (up to 16 MiB), and an
+        # unfinished header block of up to 64 such frames; ours refuses the first at its header and bounds the
+        # second as it grows (hbone/h2fast.py, points 3 and 7).
+        buffer = FastFrameBuffer(server=not client)
+        buffer.max_frame_size = self.h2.incoming_buffer.max_frame_size
+        buffer.max_header_block = MAX_HEADER_LIST
+        self.h2.incoming_buffer = buffer
         local = {
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
