@@ -7,9 +7,11 @@ A `Tunnel` looks to its protocol exactly like a TCP transport: `data_received`, 
 Flow control, both ways:
 - receiving: bytes handed to the protocol are acknowledged to the peer (WINDOW_UPDATE) at once; while the
   protocol has paused reading, incoming bytes wait here unacknowledged, so the peer stops when its window
-  (4 MiB by default) is used up. Memory per stream stays bounded by the window. Once the stream has ended,
-  what still waits here (or is dropped) is acknowledged to the connection at once, whose window the other
-  streams share.
+  (4 MiB by default) is used up. Memory per stream stays bounded by the window, and per connection by its
+  window: bytes that wait here are acknowledged only once delivered or dropped, also after the stream ended,
+  so a peer cannot pile up unread data by ending streams and opening new ones. A stream the peer resets
+  before its END_STREAM drops what waits (a cut-off stream the peer abandoned, RFC 9113 §6.4); after its
+  END_STREAM the stream is complete and is delivered whole (SPEC §3.5).
 - sending: bytes are framed only as far as the peer's windows allow; the rest waits here, and the protocol
   is told to pause writing once that backlog passes the high-water mark.
 """
@@ -167,6 +169,11 @@ class Tunnel(asyncio.Transport):
         """Hand queued data, then EOF, then connection_lost, to the protocol while it is reading."""
         if not self._has_user_protocol or self._lost_delivered:
             return
+        if self._finished and self._write_paused_signalled:
+            # Nothing more will be sent: a writer waiting for the buffer to drain goes on (and its writes are
+            # dropped). It may be what stops the protocol from reading what waits here.
+            self._write_paused_signalled = False
+            self._protocol.resume_writing()  # type: ignore[attr-defined]
         if self._error is None:
             while self._recv and not self._reading_paused:
                 data, flow_len = self._recv.popleft()
@@ -245,6 +252,8 @@ class Tunnel(asyncio.Transport):
     def close(self) -> None:
         """Send what is buffered, end our side, and drop whatever the peer still sends."""
         if self._closing or self._finished:
+            self._drop_received()  # also after the end: what the protocol will not read gives its credit back
+            self._closing = True
             return
         self._closing = True
         self._drop_received()
@@ -254,6 +263,7 @@ class Tunnel(asyncio.Transport):
     def abort(self, code: int = ErrorCodes.CANCEL) -> None:
         """Reset the stream now. CANCEL is a clean end for the peer; CONNECT_ERROR mirrors a TCP RST."""
         if self._finished:
+            self._drop_received()
             return
         self._closing = True  # as a socket's abort: nothing more reaches the protocol but connection_lost
         self._send.clear()
@@ -269,6 +279,11 @@ class Tunnel(asyncio.Transport):
     # -- called by the connection ------------------------------------------------------------------------
     def _on_reset(self, code: int, why: str | None = None) -> None:
         """The stream was reset: by the peer, or by our h2 layer for what the peer sent (`why` says so)."""
+        if not self._remote_ended:
+            # Cut off before the peer's END_STREAM (see the module's docstring): what waits is dropped, and
+            # nothing more reaches the protocol but connection_lost, at once, even while it does not read.
+            self._drop_received()
+            self._closing = True
         clean = code in CLEAN_RESET_CODES
         if clean:
             # NO_ERROR/CANCEL: the peer is done; what we had is an orderly end (SPEC §3.5).
@@ -296,19 +311,14 @@ class Tunnel(asyncio.Transport):
             self._finish(None)
 
     def _finish(self, exc: BaseException | None) -> None:
-        """The stream is over for the connection; queued data is still delivered after a clean end."""
+        """The stream is over for the connection; queued data is still delivered after a clean end (and
+        acknowledged, to the connection only, as it is delivered or dropped)."""
         if self._finished:
             return
         self._finished = True
         self._error = exc
         if exc is not None:
             self._drop_received()
-        elif self._recv:
-            # Kept for the protocol, which may not read again for a long time (or ever): the stream no longer
-            # needs its window, and the connection's must not wait, or a few such streams stall every other
-            # stream on a pooled connection. The bytes are acknowledged now, and not again when delivered.
-            self._conn._ack(self, sum(flow_len for _, flow_len in self._recv))
-            self._recv = deque((data, 0) for data, _ in self._recv)
         self._send.clear()
         self._send_size = 0
         self._conn._stream_finished(self)

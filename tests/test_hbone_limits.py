@@ -45,6 +45,13 @@ class Consumer(asyncio.Protocol):
         self.data = bytearray()
         self.eof = False
         self.lost: list[BaseException | None] = []
+        self.writing = True  # False between pause_writing and resume_writing
+
+    def pause_writing(self) -> None:
+        self.writing = False
+
+    def resume_writing(self) -> None:
+        self.writing = True
 
     def data_received(self, data: bytes) -> None:
         self.data += data
@@ -90,41 +97,41 @@ def rst(peer: RawPeer, sid: int, code: ErrorCodes) -> None:
 SMALL_WINDOWS = H2Settings(stream_window=256 * KiB, connection_window=1 * MiB)  # four streams fill the connection
 
 
+async def fill_paused_stream(peer: RawPeer, srv: PausingServer, n: int) -> tuple[int, bytes]:
+    """Open the `n`th stream to a consumer that does not read and send it a whole stream window (256 KiB)."""
+    sid = await peer.connect_stream(PAUSED)
+    body = os.urandom(256 * KiB)
+    for offset in range(0, len(body), 32 * KiB):
+        await peer.send_when_allowed(sid, body[offset : offset + 32 * KiB])
+    await peer.ping()  # the server has it all
+    tunnel, consumer = srv.paused[n]
+    assert tunnel.bytes_received == len(body) and not consumer.data
+    return sid, body
+
+
 @pytest.mark.parametrize(
     "end",
-    [
-        "peer_cancel",
-        "peer_no_error",
-        "peer_connect_error",
-        "peer_end_stream_then_cancel",
-        "server_reset",
-        "server_close",
-        "peer_end_stream_then_server_close",
-    ],
-)
+    ["peer_cancel", "peer_no_error", "peer_connect_error", "server_reset", "server_close",
+     "peer_end_stream_then_server_close"],
+)  # fmt: skip
 @bounded(90)
-async def test_a_stream_that_ends_unread_gives_its_bytes_back_to_the_connection(pki, echo_app, end) -> None:
+async def test_a_stream_cut_off_unread_gives_its_bytes_back_to_the_connection(pki, echo_app, end) -> None:
     """Twice as many streams as the connection window holds each fill their whole stream window while their
-    consumer does not read, and then end (reset by either side, closed, or ended and reset). What they held
-    must go back to the connection's window, or the fifth stream could not send a byte and nor could any
-    other on that connection. After a clean end the consumer still gets the bytes once it reads."""
+    consumer does not read, and then end in a way that means their bytes will never be read: reset by the
+    peer before its END_STREAM (a cut-off stream, whatever the code), or reset or closed by us. What they
+    held must go back to the connection's window, or the fifth stream could not send a byte and nor could any
+    other on that connection; the consumer gets none of it, only connection_lost, without waiting for it to
+    read (a reader that waits for its writer to drain would otherwise wait for ever)."""
     srv = await PausingServer(SERVER, lambda: pki.server_ctx(SERVER), settings=SMALL_WINDOWS).start()
     peer = await peer_for(pki, srv)
     try:
-        sent: list[bytes] = []
         for n in range(8):
-            sid = await peer.connect_stream(PAUSED)
-            body = os.urandom(256 * KiB)
-            for offset in range(0, len(body), 32 * KiB):
-                await peer.send_when_allowed(sid, body[offset : offset + 32 * KiB])
-            await peer.ping()  # the server has it all
-            tunnel, consumer = srv.paused[n]
-            assert tunnel.bytes_received == len(body) and not consumer.data
-            sent.append(body)
+            sid, _ = await fill_paused_stream(peer, srv, n)
+            tunnel, _ = srv.paused[n]
             if end.startswith("peer_end_stream"):
                 peer.send_data(sid, b"", end_stream=True)
                 await peer.ping()
-            if end in ("peer_cancel", "peer_end_stream_then_cancel"):
+            if end == "peer_cancel":
                 rst(peer, sid, ErrorCodes.CANCEL)
             elif end == "peer_no_error":
                 rst(peer, sid, ErrorCodes.NO_ERROR)
@@ -141,23 +148,88 @@ async def test_a_stream_that_ends_unread_gives_its_bytes_back_to_the_connection(
         window = srv.connection()._h2._inbound_flow_control_window_manager
         assert window.current_window_size == peer.send_conn_window
         assert window.current_window_size + window._bytes_processed == 1 * MiB
-        clean = end in ("peer_cancel", "peer_no_error", "peer_end_stream_then_cancel")
-        for (tunnel, consumer), body in zip(srv.paused, sent, strict=True):
-            if clean:
-                assert not consumer.lost  # bytes are waiting for it
-                tunnel.resume_reading()
-                assert bytes(consumer.data) == body and consumer.eof and consumer.lost == [None]
-            elif end == "peer_connect_error":
-                assert not consumer.data and len(consumer.lost) == 1 and isinstance(consumer.lost[0], StreamReset)
-            else:  # we ended it: nothing more reaches the consumer but connection_lost, even while it is paused
-                await eventually(lambda consumer=consumer: consumer.lost, "connection_lost", WAIT)
-                assert not consumer.data and not consumer.eof and consumer.lost == [None]
+        for _, consumer in srv.paused:
+            # Nothing more reaches the consumer but connection_lost, even while it is paused: an error for
+            # CONNECT_ERROR, a clean end (SPEC §3.5) otherwise.
+            await eventually(lambda consumer=consumer: consumer.lost, "connection_lost", WAIT)
+            assert not consumer.data and not consumer.eof and len(consumer.lost) == 1
+            if end == "peer_connect_error":
+                assert isinstance(consumer.lost[0], StreamReset)
+            else:
+                assert consumer.lost == [None]
         # Not one byte was acknowledged twice.
         assert window.current_window_size + window._bytes_processed == 1 * MiB
         # And the connection still carries a tunnel.
         sid = await peer.connect_stream(f"127.0.0.1:{echo_app.port}")
         await peer.send_when_allowed(sid, b"still moving")
         await peer.until(lambda: bytes(peer.data[sid]) == b"still moving", "the echo")
+    finally:
+        await peer.close()
+        await srv.close()
+
+
+@pytest.mark.parametrize("reset", [None, ErrorCodes.CANCEL, ErrorCodes.NO_ERROR])
+@bounded(90)
+async def test_a_complete_stream_is_kept_for_its_consumer_within_the_connection_window(pki, reset) -> None:
+    """Streams the peer ended with END_STREAM (then, or not, reset cleanly) are complete: their bytes are kept
+    for the consumer, however long it takes to read, and stay counted against the connection's window until
+    it does. So ending streams and opening new ones cannot make us hold more than one connection window of
+    unread bytes: with four such streams the fifth gets no window, and once the consumers read, each gets
+    its whole stream, its end, and the window back."""
+    srv = await PausingServer(SERVER, lambda: pki.server_ctx(SERVER), settings=SMALL_WINDOWS).start()
+    peer = await peer_for(pki, srv)
+    try:
+        sent = []
+        for n in range(4):
+            sid, body = await fill_paused_stream(peer, srv, n)
+            sent.append(body)
+            peer.send_data(sid, b"", end_stream=True)
+            if reset is not None:
+                rst(peer, sid, reset)
+            await peer.ping()
+        assert not peer.goaways and not peer.violations, peer.summary()
+        assert peer.send_conn_window == 0  # held by the unread bytes, finished streams or not
+        fifth = await peer.connect_stream(PAUSED)
+        await peer.ping()
+        assert peer.room(fifth) == 0
+        for (tunnel, consumer), body in zip(srv.paused[:4], sent, strict=True):
+            assert not consumer.lost
+            tunnel.resume_reading()
+            assert bytes(consumer.data) == body and consumer.eof
+            if reset is not None:  # (without one our side of the stream is still open)
+                await eventually(lambda consumer=consumer: consumer.lost == [None], "connection_lost", WAIT)
+        # The window is back (as the acknowledgements are batched, most of it): the fifth stream sends.
+        await peer.send_when_allowed(fifth, b"x" * 32 * KiB)
+        await peer.ping()
+        assert srv.paused[4][0].bytes_received == 32 * KiB
+        window = srv.connection()._h2._inbound_flow_control_window_manager
+        assert window.current_window_size == peer.send_conn_window
+        # Every byte is in the window, acknowledged, or still unread (the fifth stream's 32 KiB).
+        assert window.current_window_size + window._bytes_processed == 1 * MiB - 32 * KiB
+    finally:
+        await peer.close()
+        await srv.close()
+
+
+@pytest.mark.parametrize("code", [ErrorCodes.CANCEL, ErrorCodes.CONNECT_ERROR])
+@bounded(60)
+async def test_a_reset_resumes_a_writer_paused_on_the_stream(pki, code) -> None:
+    """A consumer that neither reads (its reading paused) nor can write (2 MiB to a peer granting no window:
+    paused writing, as a StreamReader's writer waits in drain()) while the peer resets the stream: nothing
+    will be sent any more, so it is told to resume writing. Otherwise a writer waiting to drain, which is
+    what keeps it from reading, would wait forever, and with it whatever it holds (a waypoint request with
+    its upstream exchange)."""
+    srv = await PausingServer(SERVER, lambda: pki.server_ctx(SERVER)).start()
+    peer = await peer_for(pki, srv, window=0)
+    try:
+        sid = await peer.connect_stream(PAUSED)
+        tunnel, consumer = srv.paused[0]
+        tunnel.write(bytes(2 * MiB))
+        assert not consumer.writing
+        peer.send_data(sid, b"unread")
+        rst(peer, sid, code)
+        await eventually(lambda: consumer.writing, "resume_writing", WAIT)
+        assert tunnel.finished and not consumer.data
     finally:
         await peer.close()
         await srv.close()
