@@ -83,16 +83,26 @@ def _v(value: str | None) -> str:
     return value if value else UNKNOWN
 
 
+# gRPC's status codes, OK (0) to UNAUTHENTICATED (16): the only values `grpc_response_status` ever takes.
+GRPC_STATUS_CODES: frozenset[str] = frozenset(str(code) for code in range(17))
+GRPC_UNKNOWN = "2"  # what gRPC makes of a code it does not know
+
+
 def grpc_response_status(grpc: bool, status: int | str | None) -> str:
     """The `grpc_response_status` label of a request.
 
     Empty for plain HTTP (Envoy does the same): Prometheus treats an empty label as absent, which is what "only
     present for gRPC" means to a query. For gRPC, the status, or `unknown` without one (no response, no
-    trailers), as every missing value (SPEC §7).
+    trailers), as every missing value (SPEC §7). The status comes from the upstream, so it is bounded here, where
+    it becomes a label: anything but a code gRPC defines is UNKNOWN (2), as a gRPC client reads it, so an upstream
+    cannot mint a new series per value it sends.
     """
     if not grpc:
         return ""
-    return _v(None if status is None else str(status))
+    if status is None or status == "":
+        return UNKNOWN
+    text = str(status)
+    return text if text in GRPC_STATUS_CODES else GRPC_UNKNOWN
 
 
 @dataclass(frozen=True, slots=True)
@@ -457,17 +467,91 @@ def build_info(registry: CollectorRegistry, component: str, tag: str) -> Gauge:
     return gauge
 
 
-class BaggageMetrics:
-    """Ours, not Istio's: how often the baggage parser's bounds threw items away, and why."""
+# Beyond Istio: how many distinct label sets one peer identity may give its traffic through baggage, and all peers
+# together, in one process. Every label set is a series in each traffic metric family for as long as the process
+# lives (prometheus-client never forgets one), so without these a single authenticated peer could grow memory and
+# /metrics without end by sending a new value each time.
+LABEL_SETS_PER_IDENTITY = 32
+LABEL_SETS_IN_ALL = 4096
+# The `istio_baggage_dropped_items_total` reason of baggage refused whole because it would have been one too many.
+REASON_TOO_MANY_LABEL_SETS = "too_many_label_sets"
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+
+class PeerLabelBudget:
+    """Which peer label sets baggage has been allowed to create, per verified identity.
+
+    An identity is a SPIFFE principal from an mTLS certificate, so only the mesh CA can make a new one; what a peer
+    says in its baggage is its own choice. A label set already admitted stays admitted (its series exist anyway);
+    a new one is admitted while its identity has had fewer than `per_identity` and the process fewer than `in_all`.
+    `per_identity` covers the honest case, one service account's workloads across revisions, clusters and zones.
+    The state lives as long as the series it stands for, i.e. the process; it holds at most `in_all` label sets,
+    so at most that many identities, and remembers a refusal only for those (plus one flag for all the others).
+    """
+
+    __slots__ = ("_admitted", "_in_all", "_per_identity", "_total", "_warned", "_warned_unknown")
+
+    def __init__(self, per_identity: int = LABEL_SETS_PER_IDENTITY, in_all: int = LABEL_SETS_IN_ALL) -> None:
+        self._per_identity = per_identity
+        self._in_all = in_all
+        self._admitted: dict[Identity, set[PeerLabels]] = {}
+        self._total = 0
+        self._warned: set[Identity] = set()
+        self._warned_unknown = False
+
+    def admit(self, identity: Identity, labels: PeerLabels) -> bool:
+        """True when `labels` may label traffic of `identity`: seen before, or new and within both bounds."""
+        admitted = self._admitted.get(identity)
+        if admitted is not None and labels in admitted:
+            return True
+        if self._total >= self._in_all or (admitted is not None and len(admitted) >= self._per_identity):
+            return False
+        if admitted is None:
+            admitted = self._admitted[identity] = set()
+        admitted.add(labels)
+        self._total += 1
+        return True
+
+    def first_refusal(self, identity: Identity) -> bool:
+        """True the first time this is asked for `identity` (or, for identities with no label set admitted, the
+        first time for any of them): so a refusal is logged once, however often a peer makes us refuse."""
+        if identity in self._admitted:
+            if identity in self._warned:
+                return False
+            self._warned.add(identity)
+            return True
+        if self._warned_unknown:
+            return False
+        self._warned_unknown = True
+        return True
+
+    @property
+    def per_identity(self) -> int:
+        return self._per_identity
+
+    @property
+    def in_all(self) -> int:
+        return self._in_all
+
+    def __len__(self) -> int:
+        """Label sets admitted so far."""
+        return self._total
+
+
+class BaggageMetrics:
+    """Ours, not Istio's: how often baggage was refused, in part (the parser's bounds) or whole (the parser's
+    bounds, or the peer's label sets spent), and why. It also holds the daemon's `PeerLabelBudget`, as every
+    daemon passes this object to `mesh.peers.peer_from_baggage` for the whole of its run."""
+
+    def __init__(self, registry: CollectorRegistry, label_sets: PeerLabelBudget | None = None) -> None:
         self.dropped_items = Counter(
             "istio_baggage_dropped_items",
-            "Baggage list members dropped by the parser's size and count bounds "
+            "Baggage list members dropped by the parser's size and count bounds, or whole headers refused by them "
+            "or because the peer identity has described too many different label sets "
             "(ambient-py addition, not an Istio standard metric).",
             ("reason",),
             registry=registry,
         )
+        self.label_sets = label_sets if label_sets is not None else PeerLabelBudget()
 
     def dropped(self, reason: str, count: int = 1) -> None:
         if count > 0:
@@ -485,13 +569,19 @@ def render(registry: CollectorRegistry, accept_header: str | None) -> tuple[byte
 
 
 __all__: Sequence[str] = (
+    "GRPC_STATUS_CODES",
+    "GRPC_UNKNOWN",
     "HTTP_BUCKETS",
     "HTTP_LABEL_NAMES",
+    "LABEL_SETS_IN_ALL",
+    "LABEL_SETS_PER_IDENTITY",
     "NO_FLAGS",
+    "REASON_TOO_MANY_LABEL_SETS",
     "TRAFFIC_LABEL_NAMES",
     "UNKNOWN",
     "BaggageMetrics",
     "HttpMetrics",
+    "PeerLabelBudget",
     "PeerLabels",
     "TcpMetrics",
     "TcpRecorder",

@@ -15,14 +15,20 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from hbone.identity import Identity
-from mesh.metrics import PeerLabels
+from mesh.metrics import GRPC_STATUS_CODES, GRPC_UNKNOWN, PeerLabels
 from mesh.model import RetryPolicy
 from mesh.routing import Hop, RoutingError
 from waypoint_py import retry
 from waypoint_py.body import RETRY_BODY_LIMIT, BodyCursor, RetainedBody
 from waypoint_py.destination import OriginalDestination
 from waypoint_py.endpoints import EndpointChooser
-from waypoint_py.errors import DownstreamGone, DownstreamProtocolError, UpstreamConnectFailed, UpstreamReset
+from waypoint_py.errors import (
+    DownstreamGone,
+    DownstreamProtocolError,
+    UpstreamConnectFailed,
+    UpstreamProtocolError,
+    UpstreamReset,
+)
 from waypoint_py.http_types import Downstream, RequestHead, ResponseHead, Upstream, first
 from waypoint_py.routes import NoRoute, RouteTarget, decide
 from waypoint_py.telemetry import RequestReport
@@ -38,6 +44,24 @@ _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # gRPC's mapping of HTTP statuses for responses without grpc-status (gRPC's http-grpc-status-mapping.md);
 # anything else, 200 included, is UNKNOWN (2), as Envoy reports it.
 _GRPC_OF_HTTP = {400: "13", 401: "16", 403: "7", 404: "12", 429: "14", 502: "14", 503: "14", 504: "14"}
+
+
+def _grpc_status(value: bytes) -> str:
+    """The status an upstream's `grpc-status` stands for. Its value is the upstream's choice and becomes a metric
+    label, so it is one of gRPC's codes (0 to 16): a client reads any other as UNKNOWN (2), and so do we."""
+    status = value.decode("latin-1")
+    return status if status in GRPC_STATUS_CODES else GRPC_UNKNOWN
+
+
+def _checked(response: ResponseHead) -> ResponseHead:
+    """`response`, if its status is an HTTP status code (three digits, 100 to 599, RFC 9110 §15); otherwise the
+    upstream's answer is not HTTP, as a malformed head is not: UpstreamProtocolError (502, UPE). h2 takes any
+    digit string for `:status` and h11 any three digits, and the status becomes a metric label."""
+    status = response.status
+    if not 100 <= status <= 599:
+        shown = str(status) if status < 10**9 else "a longer number"
+        raise UpstreamProtocolError(f"upstream answered with status {shown}, not an HTTP status code (100-599)")
+    return response
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,9 +233,9 @@ class Forwarder:
                     ds.watch_gone(client.abort)
                     if head.has_body:
                         pump = asyncio.get_running_loop().create_task(self._pump(body.cursor(), client, body))
-                        response = await self._response_head(client, pump)
+                        response = _checked(await self._response_head(client, pump))
                     else:
-                        response = await client.response_head()
+                        response = _checked(await client.response_head())
                 except UpstreamReset as exc:
                     if ds.gone:
                         raise DownstreamGone(f"client went away while waiting for the response ({exc})") from exc
@@ -275,7 +299,7 @@ class Forwarder:
             report.error = ""  # an earlier attempt's failure is no longer the story
         grpc = first(response.headers, b"grpc-status")  # a trailers-only gRPC answer
         if grpc is not None:
-            report.grpc_status = grpc.decode("latin-1")
+            report.grpc_status = _grpc_status(grpc)
         # What the upstream has already sent goes on together (a small response is one write); before
         # waiting for more, whatever is held goes out.
         await ds.start_response(response, hold=True)
@@ -299,6 +323,6 @@ class Forwarder:
         if trailers:
             grpc = first(trailers, b"grpc-status")
             if grpc is not None:
-                report.grpc_status = grpc.decode("latin-1")
+                report.grpc_status = _grpc_status(grpc)
         await ds.end_response(trailers)
         return True

@@ -66,7 +66,7 @@ class Http2Upstream:
         except StreamGone as exc:
             raise self._failure(f"upstream HTTP/2 stream ended before the response: {exc}") from exc
         status = next((v for k, v in headers if k == b":status"), None)
-        if status is None or not status.isdigit():
+        if status is None or len(status) != 3 or not status.isdigit():  # (RFC 9110 §15: three digits)
             raise UpstreamProtocolError("upstream HTTP/2 response has no valid :status")
         return ResponseHead(int(status), end_to_end(headers))
 
