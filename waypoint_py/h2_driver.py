@@ -4,6 +4,12 @@
 `h2` owns the protocol rules; this adapter owns the read loop, the waits for flow-control window, and
 back-pressure. Received DATA is acknowledged only when the consumer takes it, so a reader that is slower
 than its peer holds the peer to its window instead of making us buffer.
+
+As a server it also bounds what a client can make us spend, as the HBONE layer does for its peers
+(hbone/connection.py, whose figures are reused): the windows bound what it makes us hold; answers it asks for
+and does not read end the connection past MAX_QUEUED_CONTROL_FRAMES; no more than MAX_CONCURRENT_STREAMS
+handlers run at once, reset streams included; and streams it resets before their answer are counted (HTTP/2
+"rapid reset", CVE-2023-44487). Past a limit the connection ends with GOAWAY ENHANCE_YOUR_CALM.
 """
 
 from __future__ import annotations
@@ -22,15 +28,35 @@ import h2.settings
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
+from hbone.connection import (
+    CANCELLED_STREAMS_BURST,
+    CANCELLED_STREAMS_PER_SECOND,
+    GOAWAY_GRACE,
+    MAX_QUEUED_CONTROL_FRAMES,
+    ResetBudget,
+)
 from hbone.errors import code_name
-from hbone.h2fast import FastFrameBuffer
+from hbone.h2fast import FastFrameBuffer, install_outbox
 from waypoint_py.http_types import Headers
 from waypoint_py.streams import READ_SIZE
 
 log = logging.getLogger("waypoint.h2")
 
-STREAM_WINDOW = 1 << 20
-CONNECTION_WINDOW = 16 << 20
+KiB = 1024
+MiB = 1024 * KiB
+# As a server, the connection window is what one client connection can make us hold of request bodies its
+# handlers have not taken yet: Envoy's per_connection_buffer_limit_bytes (1 MiB). It is per tunnel (each
+# HBONE stream carries an HTTP/2 connection of its own), so an HBONE connection with its 200 streams stays
+# near 200 MiB rather than 200 times 16 MiB. A stream gets a quarter: a gRPC stream still moves hundreds of
+# MB/s at a millisecond's round trip, and three streams stalled behind a slow upstream leave the others room.
+DOWNSTREAM_STREAM_WINDOW = 256 * KiB
+DOWNSTREAM_CONNECTION_WINDOW = 1 * MiB
+# As a client, one connection to an endpoint carries the requests of many clients at once: its connection
+# window is wider than a stream's many times over, so a few clients that read slowly do not stall the rest.
+UPSTREAM_STREAM_WINDOW = 1 * MiB
+UPSTREAM_CONNECTION_WINDOW = 16 * MiB
+# Also the most handlers that run at once: h2 forgets a stream the client reset, while its handler may still
+# be routing, dialling and sending it upstream; a new stream past that waits for a handler to finish.
 MAX_CONCURRENT_STREAMS = 100
 MAX_HEADER_LIST = 64 * 1024
 
@@ -47,6 +73,8 @@ class H2Stream:
         self.id = stream_id
         self.headers = headers  # the request's
         self.ended_with_headers = ended  # the request had no body (END_STREAM on its HEADERS)
+        self.answered = False  # a final response head went to h2 (server side)
+        self.started = False  # handed to the driver's `on_stream` (server side)
         self.response: asyncio.Future[Headers] = driver.loop.create_future()  # client side
         self.trailers: Headers | None = None
         self.remote_ended = False
@@ -125,8 +153,10 @@ class H2Driver:
         buffer.max_frame_size = self.h2.incoming_buffer.max_frame_size
         buffer.max_header_block = MAX_HEADER_LIST
         self.h2.incoming_buffer = buffer
+        stream_window = UPSTREAM_STREAM_WINDOW if client else DOWNSTREAM_STREAM_WINDOW
+        self._connection_window = UPSTREAM_CONNECTION_WINDOW if client else DOWNSTREAM_CONNECTION_WINDOW
         local = {
-            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: stream_window,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
         }
         if client:
@@ -134,7 +164,12 @@ class H2Driver:
         else:
             local[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = MAX_CONCURRENT_STREAMS
         self.h2.local_settings = h2.settings.Settings(client=client, initial_values=local)
+        self._outbox = install_outbox(self.h2)  # counts the frames other than DATA we queue (`_check_flood`)
         self.streams: dict[int, H2Stream] = {}
+        self._running = 0  # streams started (`on_stream`) and not yet forgotten
+        self._waiting: deque[H2Stream] = deque()  # received while MAX_CONCURRENT_STREAMS handlers ran
+        self._unread_answers = 0  # frames the peer asked for since our writes to it backed up
+        self._cancels_left = ResetBudget(CANCELLED_STREAMS_BURST, CANCELLED_STREAMS_PER_SECOND)
         self.closed = False
         self.close_reason = ""
         self.draining = False
@@ -148,7 +183,7 @@ class H2Driver:
             return
         self._started = True
         self.h2.initiate_connection()
-        self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self.h2.increment_flow_control_window(self._connection_window - 65535)
         self._flush()
 
     async def run(self, initial: bytes = b"") -> None:
@@ -173,6 +208,7 @@ class H2Driver:
             return
         self.closed = True
         self.close_reason = reason
+        self._waiting.clear()
         for stream in list(self.streams.values()):
             if stream.remote_ended:
                 stream._wake()  # what it received stays readable
@@ -194,12 +230,14 @@ class H2Driver:
         frame = GoAwayFrame(0)
         frame.last_stream_id = self.h2.highest_inbound_stream_id
         frame.error_code = ErrorCodes.NO_ERROR
+        self._flush()
         self._write(frame.serialize())
         if not self.streams:
             self.close("drained")
 
     # -- receiving --------------------------------------------------------------------------------------
     def _receive(self, data: bytes) -> None:
+        queued = self._outbox.control_frames
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
@@ -209,7 +247,54 @@ class H2Driver:
             return
         for event in events:
             self._dispatch(event)
+            if self.closed:
+                return
+        # What this read made us queue: h2's answers (PING and SETTINGS ACKs, RST_STREAM for frames on closed
+        # streams) and ours (WINDOW_UPDATE for DATA nobody takes).
+        answers = self._outbox.control_frames - queued
         self._flush()
+        self._check_flood(answers)
+
+    def _check_flood(self, answers: int) -> None:
+        """A peer that keeps asking for answers (PINGs, SETTINGS, frames on reset streams) and does not read
+        them would grow our write buffer without bound, as nothing waits for it to drain. Once the buffer is
+        over its high-water mark, the answers are counted until it is below again; past
+        MAX_QUEUED_CONTROL_FRAMES (HBONE's figure) the connection ends. The count is checked after each read,
+        so it may pass the bound by one read's worth (READ_SIZE: some 15,000 PINGs, 256 KiB of answers). A
+        peer that reads never gets there: its answers leave as fast as it takes them."""
+        transport = self.writer.transport
+        if transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[1]:
+            self._unread_answers = 0
+            return
+        self._unread_answers += answers
+        if self._unread_answers > MAX_QUEUED_CONTROL_FRAMES:
+            log.warning("HTTP/2 peer %s does not read: %d frames queued for it; closing (ENHANCE_YOUR_CALM)",
+                        self.peer_name, self._unread_answers)  # fmt: skip
+            self._calm_down(f"peer does not read what it asks for ({self._unread_answers} frames queued)")
+
+    def _count_cancelled(self, stream: H2Stream, code: int) -> bool:
+        """A stream the client reset before its answer: counted (CANCELLED_STREAMS_BURST, as on HBONE); False
+        once the client has done it too often and the connection is ended."""
+        if self._cancels_left.take(self.loop.time()):
+            return True
+        log.warning("HTTP/2 peer %s: too many streams reset by it before their response (last: stream %d, %s); "
+                    "closing (ENHANCE_YOUR_CALM)", self.peer_name, stream.id, code_name(code))  # fmt: skip
+        self._calm_down("too many streams reset by the client before their response")
+        return False
+
+    def _calm_down(self, reason: str) -> None:
+        """End the connection for abuse: GOAWAY ENHANCE_YOUR_CALM, then the transport is cut GOAWAY_GRACE later
+        (closing waits for the buffer to drain, which a peer that does not read never lets happen)."""
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.h2.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
+        transport = self.writer.transport
+        self.close(f"{reason}: ENHANCE_YOUR_CALM")
+        self.loop.call_later(GOAWAY_GRACE, transport.abort)
+
+    @property
+    def peer_name(self) -> str:
+        peer = self.writer.get_extra_info("peername")
+        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "?")
 
     def _dispatch(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.DataReceived):
@@ -239,7 +324,12 @@ class H2Driver:
         elif isinstance(event, h2.events.StreamReset):
             stream = self.streams.get(event.stream_id)
             if stream is not None:
+                if not self.client and not stream.answered and not self._count_cancelled(stream, event.error_code):
+                    return
                 stream._fail(event.error_code)
+                if not self.client and not stream.started:
+                    self._waiting.remove(stream)  # never started: nothing more to do for it
+                    self.forget(stream)
             self._wake_senders()
         elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
             self._wake_senders()
@@ -255,6 +345,18 @@ class H2Driver:
             return
         stream = H2Stream(self, sid, list(event.headers or []), ended=event.stream_ended is not None)  # type: ignore[arg-type]
         self.streams[sid] = stream
+        if self._running < MAX_CONCURRENT_STREAMS:
+            self._start(stream)
+        else:
+            # Its DATA waits in its inbox, within the windows, until `forget` frees a handler. Of the handlers
+            # running then, at least one is of a stream h2 has closed (h2 holds the client to
+            # MAX_CONCURRENT_STREAMS open ones, this one among them), which needs nothing more from the client.
+            self._waiting.append(stream)
+
+    def _start(self, stream: H2Stream) -> None:
+        assert self.on_stream is not None
+        self._running += 1
+        stream.started = True
         self.on_stream(stream)
 
     def _ack(self, stream_id: int, flow: int) -> None:
@@ -269,7 +371,10 @@ class H2Driver:
             self.writer.write(data)
 
     def _flush(self) -> None:
-        self._write(self.h2.data_to_send())
+        chunks = self._outbox.take()
+        if chunks:
+            # One write: on a tunnel each write is a DATA frame (and a TLS record) of its own.
+            self._write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     def _wake_senders(self) -> None:
         waiters, self._window_waiters = self._window_waiters, []
@@ -300,6 +405,8 @@ class H2Driver:
             self.h2.send_headers(stream.id, headers, end_stream=end_stream)
         except h2.exceptions.ProtocolError as exc:
             raise StreamGone(f"cannot send headers: {exc}") from exc
+        if not stream.answered:
+            stream.answered = not any(k == b":status" and v.startswith(b"1") for k, v in headers)
         if flush:
             self._flush()
 
@@ -360,9 +467,12 @@ class H2Driver:
             self._wake_senders()
 
     def forget(self, stream: H2Stream) -> None:
-        """The exchange is over for us: return the window of unread data, and close a drained connection."""
+        """The exchange is over for us: return the window of unread data, start a stream that waits for a
+        handler, and close a drained connection."""
         stream.discard_unread()
-        self.streams.pop(stream.id, None)
+        if self.streams.pop(stream.id, None) is stream and stream.started:
+            self._running -= 1
+            while self._waiting and self._running < MAX_CONCURRENT_STREAMS and not self.closed:
+                self._start(self._waiting.popleft())
         if self.draining and not self.streams:
             self.close("drained")
-
