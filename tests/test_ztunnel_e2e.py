@@ -198,6 +198,12 @@ async def test_deny_policy_refuses_with_401_and_deny_flag_on_both_sides(mesh) ->
         failed = metric_samples(text, "istio_tcp_connections_failed_total")
         assert [labels["response_flags"] for labels, _ in failed] == ["DENY"]
     assert "refused with 401" in mesh["ztunnels"][1].logs()
+    # A client denied again and again: each refusal is counted, the warning about them is rate-limited.
+    for _ in range(5):
+        code, _out, _err = await run_curl(*socks(f"http://{ECHO_HOST}/"))
+        assert code != 0
+    ((_, denied),) = metric_samples(await scrape(f"{Z2}:15020"), "istio_tcp_connections_failed_total")
+    assert denied == 6 and mesh["ztunnels"][1].logs().count("refused with 401") == 1
     # A missing ALLOW: an ALLOW policy for someone else refuses sleep too.
     allow_other = {
         "name": "allow-other",

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from hbone.authority import format_authority
 from hbone.identity import Identity
 from hbone.relay import Relay
+from hbone.server import Throttle
 from hbone.tlslayer import Buffered
 from hbone.tunnel import Tunnel
 from mesh.authz import ConnectionInfo, decide
@@ -45,9 +46,15 @@ class InboundCall:
     from_gateway: bool = False
 
 
+# Refusals are each in the access log; the warning about them is rate-limited, since a peer decides how often
+# it is refused (a denied client retrying in a loop would otherwise fill the log).
+REFUSAL_WARNING_INTERVAL = 10.0
+
+
 class Inbound:
     def __init__(self, node: Node) -> None:
         self.node = node
+        self._refusals = Throttle(REFUSAL_WARNING_INTERVAL)
 
     def on_stream(self, tunnel: Tunnel) -> None:
         task = asyncio.get_running_loop().create_task(self._serve(tunnel))
@@ -174,15 +181,18 @@ class Inbound:
 
     # -- results -------------------------------------------------------------------------------------
     def _refuse(self, call: InboundCall, exc: Refused, started: float, counted: bool = False) -> None:
-        log.warning(
-            "inbound CONNECT %s from %s (%s:%d) refused with %d: %s",
-            call.tunnel.authority,
-            call.source_identity,
-            call.peer[0],
-            call.peer[1],
-            exc.status,
-            exc,
-        )
+        held = self._refusals.hit(time.monotonic())
+        if held is not None:
+            log.warning(
+                "inbound CONNECT %s from %s (%s:%d) refused with %d: %s%s",
+                call.tunnel.authority,
+                call.source_identity,
+                call.peer[0],
+                call.peer[1],
+                exc.status,
+                exc,
+                f" ({held} more refused since the last warning: see the access log)" if held else "",
+            )
         call.tunnel.respond(exc.status)
         if not counted and exc.status != 400:
             self.node.tcp.open(self._labels(call)).close(exc.flag)
