@@ -19,8 +19,9 @@
    the peer); the strings of a CONNECT are a few dozen bytes, once per stream. Received blocks are decoded
    whatever their coding.
 6. `h2` ends the whole connection (GOAWAY) for errors RFC 9113 makes errors of one stream: a malformed
-   header block (§8.1.1: RST_STREAM PROTOCOL_ERROR) and a stream over our SETTINGS_MAX_CONCURRENT_STREAMS
-   (§5.1.2: RST_STREAM REFUSED_STREAM, which a client may retry). On a pooled HBONE connection that would
+   header block or a body that does not match its content-length (§8.1.1: RST_STREAM PROTOCOL_ERROR) and a
+   stream over our SETTINGS_MAX_CONCURRENT_STREAMS (§5.1.2: RST_STREAM REFUSED_STREAM, which a client may
+   retry). On a pooled HBONE connection that would
    cost every tunnel on it. `HboneH2Connection` resets only that stream; every other error stays h2's.
 7. `h2` checks the size of a header list only once its block is complete, and keeps up to 64 frames of the
    block until then (64 MiB with our MAX_FRAME_SIZE). Our frame buffer bounds the block as it grows. It
@@ -53,6 +54,7 @@ from h2.exceptions import (
     DenialOfServiceError,
     FlowControlError,
     FrameDataMissingError,
+    InvalidBodyLengthError,
     ProtocolError,
     TooManyStreamsError,
 )
@@ -405,6 +407,19 @@ class HboneH2Connection(H2Connection):
                         return frames, self._reject(sid, ErrorCodes.PROTOCOL_ERROR, f"malformed header block: {exc}")
                     break
         return frames, events
+
+    def _receive_data_frame(self, frame: DataFrame) -> tuple[list[Frame], list[Event]]:
+        try:
+            return super()._receive_data_frame(frame)
+        except InvalidBodyLengthError as exc:
+            # More (or, at END_STREAM, less) body than the stream's content-length said: a malformed message,
+            # an error of this stream only (RFC 9113 §8.1.1). h2 raised after taking the frame (both windows,
+            # the stream's state); its bytes will never be delivered, so their connection window goes back.
+            sid = frame.stream_id
+            events = self._reject(sid, ErrorCodes.PROTOCOL_ERROR, f"malformed body: {exc}")
+            if frame.flow_controlled_length:
+                self.acknowledge_received_data(frame.flow_controlled_length, sid)
+            return [], events
 
     def _refuse_stream(self, frame: HeadersFrame, reason: str) -> tuple[list[Frame], list[Event]]:
         """A new stream over our limit, which h2 refused before even decoding its block. We do what h2 does

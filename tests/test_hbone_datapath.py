@@ -365,20 +365,34 @@ async def test_oversized_frame_is_refused_at_its_header(pki, server, echo_app, r
 
 
 @bounded(30)
-async def test_content_length_is_enforced_by_h2(pki, server, echo_app, raw_peer) -> None:
+@pytest.mark.parametrize("case", ["more", "less"])
+async def test_content_length_is_enforced_for_the_stream_only(pki, server, echo_app, raw_peer, case) -> None:
     """A stream that announced content-length is h2's to count (RFC 9113 §8.1.1): plain DATA up to the
-    length is data, one byte beyond it is a PROTOCOL_ERROR."""
+    length is data; one byte beyond it, or END_STREAM short of it, makes the message malformed, an error of
+    that stream only (RST_STREAM PROTOCOL_ERROR, where h2 would end the connection). The connection goes on,
+    and its window with it: the refused bytes count as given back."""
     peer = await raw_peer(server.address)
     sid = await peer.connect_stream(HOLD, [("content-length", "10")])
     peer.send_data(sid, b"12345")
-    peer.send_data(sid, b"67890")
+    if case == "more":
+        peer.send_data(sid, b"67890")
     await peer.ping()
     assert not peer.goaways and not peer.resets, peer.summary()
-    assert server.held[0].bytes_received == 10
-    peer.send_data(sid, b"!")
-    await peer.closed()
-    assert_connection_error(peer, ErrorCodes.PROTOCOL_ERROR, sid)
-    await assert_still_serving(pki, server.address, echo_app)
+    assert server.held[0].bytes_received == (10 if case == "more" else 5)
+    if case == "more":
+        peer.send_data(sid, b"!")
+    else:
+        peer.send_data(sid, b"6789", end_stream=True)
+    await peer.until(lambda: sid in peer.resets, "the RST_STREAM")
+    assert peer.resets[sid] == ErrorCodes.PROTOCOL_ERROR and not peer.goaways, peer.summary()
+    echo = await peer.connect_stream(f"127.0.0.1:{echo_app.port}")
+    await peer.send_when_allowed(echo, b"still here")
+    await peer.until(lambda: bytes(peer.data[echo]) == b"still here", "the echo on the same connection")
+    h2conn = server.h2()
+    window = h2conn._inbound_flow_control_window_manager
+    # Every byte is in the window or acknowledged, the refused ones too; the echo's 10 wait in its tunnel's
+    # batch of acknowledgements.
+    assert window.current_window_size + window._bytes_processed == 16 * MiB - len(b"still here")
 
 
 # -- 4b. a large frame passed on as it arrives -----------------------------------------------------------------
