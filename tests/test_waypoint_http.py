@@ -17,6 +17,7 @@ import h11
 import pytest
 from h2.errors import ErrorCodes
 
+from hbone.h2fast import PlainEncoder
 from tests.support.http_clients import H2Client, Http1Client, grpc_calls, open_tunnel
 from tests.support.pki import TestPki
 from tests.support.standins import FakeWriter, H2App, reader_with
@@ -195,6 +196,34 @@ async def test_http2_upstream_connection_closed_is_503_uc(pki: TestPki, topo: To
     # The whole connection ended: Envoy's "upstream connection termination" (UC); UR is a stream reset.
     await eventually(lambda: requests_of(waypoint, "custom", request_protocol="grpc", response_code="503",
                                          response_flags="UC") == 1, "the call is counted")  # fmt: skip
+
+
+async def test_http2_header_strings_go_upstream_as_they_are(pki: TestPki, topo: Topology,
+                                                            waypoint: WaypointProcess) -> None:  # fmt: skip
+    """A 60,000-byte header value goes upstream as a plain literal, about as long as it is, not Huffman-coded
+    (some 37,500 bytes for these letters): hpack's Huffman coder is pure Python and quadratic in a string's
+    length, so a client sending such values could keep the waypoint's CPU busy for 0.25 s per request."""
+    received: list[int] = []
+
+    async def measures(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        conn.local_settings.max_header_list_size = 1 << 20
+        total = 0
+        while data := await reader.read(1 << 16):
+            total += len(data)
+            if any(isinstance(e, h2.events.RequestReceived) for e in conn.receive_data(data)):
+                received.append(total)
+                return
+
+    big = "a" * 60_000
+    async with custom_upstream(topo, pki, measures):
+        _, tunnel = await open_tunnel(pki, CLIENT_ID, waypoint.inbound, WAYPOINT_ID, topo.authority("custom"))
+        client = H2Client(tunnel)
+        client.conn.encoder = PlainEncoder()
+        client.request("custom", "/pkg.Things/Big", [*GRPC, ("x-big", big)], MESSAGE)
+        await eventually(lambda: received, "the request reaches the upstream")
+        client.close()
+    assert received[0] > len(big)
 
 
 async def test_http2_expect_100_continue(pki: TestPki, topo: Topology, waypoint: WaypointProcess,

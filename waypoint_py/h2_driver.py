@@ -36,7 +36,7 @@ from hbone.connection import (
     ResetBudget,
 )
 from hbone.errors import code_name
-from hbone.h2fast import FastFrameBuffer, install_outbox
+from hbone.h2fast import FastFrameBuffer, PlainEncoder, install_outbox
 from waypoint_py.http_types import Headers
 from waypoint_py.streams import READ_SIZE
 
@@ -146,6 +146,10 @@ class H2Driver:
         self.on_stream = on_stream
         config = h2.config.H2Configuration(client_side=client, header_encoding=None)
         self.h2 = h2.connection.H2Connection(config)
+        # Header strings go out as they are: hpack's pure-Python Huffman coder is quadratic in a string's length
+        # (a client's 64 KB header value cost us 0.25 s of CPU to re-encode), and HPACK allows either (point 5
+        # of hbone/h2fast.py).
+        self.h2.encoder = PlainEncoder()
         # h2's frame buffer keeps a frame until it is whole, even one over MAX_FRAME_SIZE (up to 16 MiB), and an
         # unfinished header block of up to 64 such frames; ours refuses the first at its header and bounds the
         # second as it grows (hbone/h2fast.py, points 3 and 7).
