@@ -25,7 +25,8 @@
    cost every tunnel on it. `HboneH2Connection` resets only that stream; every other error stays h2's.
 7. `h2` checks the size of a header list only once its block is complete, and keeps up to 64 frames of the
    block until then (64 MiB with our MAX_FRAME_SIZE). Our frame buffer bounds the block as it grows. It
-   also refuses a frame over MAX_FRAME_SIZE at its header, where h2 waits for the whole frame (16 MiB).
+   also refuses a frame over MAX_FRAME_SIZE at its header, where h2 waits for the whole frame (16 MiB), and
+   a SETTINGS frame of more than MAX_SETTINGS parameters (ENHANCE_YOUR_CALM).
 8. A plain DATA frame that is still arriving is handed on piece by piece as its bytes come (each piece is
    accounted for as a DATA frame of its size: the windows end where the whole frame would put them), so a
    large frame is copied once, out of the batch it arrived in, instead of being gathered first.
@@ -63,7 +64,7 @@ from h2.stream import StreamInputs, StreamState
 from h2.utilities import validate_headers
 from hpack import Encoder
 from hyperframe.exceptions import InvalidDataError, InvalidFrameError
-from hyperframe.frame import DataFrame, Frame, GoAwayFrame, HeadersFrame
+from hyperframe.frame import DataFrame, Frame, GoAwayFrame, HeadersFrame, SettingsFrame
 
 
 def _data_repr(self: DataFrame) -> str:
@@ -80,6 +81,7 @@ _PADDED = 0x8
 _CLIENT_OPEN, _SERVER_OPEN = ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN
 _OPEN, _HALF_LOCAL, _HALF_REMOTE = StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL, StreamState.HALF_CLOSED_REMOTE
 SMALL_FRAME = 16 * 1024  # below this a DATA payload is joined to its header (one copy, one TLS record)
+MAX_SETTINGS = 32  # parameters in one SETTINGS frame (nghttp2's max_settings; HTTP/2 defines six)
 PIECE_MIN = 16 * 1024  # an unfinished plain DATA frame with at least this much payload here is passed on now
 
 
@@ -211,6 +213,10 @@ class FastFrameBuffer(FrameBuffer):
                 # Checked at the header, not once the body is in (h2's order): a peer must not get us to keep
                 # up to 16 MiB of a frame that is refused anyway.
                 self._validate_frame_length(length)
+                if type(frame) is SettingsFrame and length > MAX_SETTINGS * 6:
+                    # h2 applies every parameter in Python: a 1 MiB SETTINGS frame (174,762 of them) held the
+                    # event loop half a second. nghttp2 refuses more than 32 (CVE-2020-11080).
+                    raise DenialOfServiceError(f"SETTINGS frame with {length // 6} parameters (at most {MAX_SETTINGS})")
                 if available < length + 9:
                     raise StopIteration
                 try:

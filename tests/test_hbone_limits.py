@@ -211,6 +211,31 @@ async def test_a_complete_stream_is_kept_for_its_consumer_within_the_connection_
         await srv.close()
 
 
+@pytest.mark.parametrize("count", [32, 33])
+@bounded(30)
+async def test_a_settings_frame_of_more_than_32_parameters_ends_the_connection(pki, echo_app, count) -> None:
+    """h2 applies each SETTINGS parameter in Python, so a frame of thousands (1 MiB holds 174,762) held the
+    event loop, and everyone's traffic on it, for half a second. Up to 32 are taken (repeats allowed), as
+    nghttp2 does; one more is GOAWAY ENHANCE_YOUR_CALM at the frame's header."""
+    srv = await TunnelServer(SERVER, lambda: pki.server_ctx(SERVER)).start()
+    peer = await peer_for(pki, srv)
+    try:
+        peer.write(frame(0x4, 0, 0, struct.pack("!HL", 0x3, 100) * count))  # MAX_CONCURRENT_STREAMS, repeated
+        peer._pending_local.append({0x3: 100})  # for the peer's bookkeeping of our SETTINGS ACK
+        if count == 32:
+            await peer.ping()
+            assert not peer.goaways, peer.summary()
+            sid = await peer.connect_stream(f"127.0.0.1:{echo_app.port}")
+            await peer.send_when_allowed(sid, b"fine")
+            await peer.until(lambda: bytes(peer.data[sid]) == b"fine", "the echo")
+        else:
+            await peer.closed()
+            assert [code for _, code in peer.goaways] == [ErrorCodes.ENHANCE_YOUR_CALM], peer.summary()
+    finally:
+        await peer.close()
+        await srv.close()
+
+
 @pytest.mark.parametrize("code", [ErrorCodes.CANCEL, ErrorCodes.CONNECT_ERROR])
 @bounded(60)
 async def test_a_reset_resumes_a_writer_paused_on_the_stream(pki, code) -> None:
