@@ -9,3 +9,8 @@ class CertError(ValueError):
 
 class NoCertificateError(CertError, LookupError):
     """A provider was asked for an identity it does not hold a certificate for."""
+
+
+class CertReadError(CertError):
+    """A file that could not be read for a reason outside it (an I/O error, such as running out of file
+    descriptors): reading it again later may work, so a reload tries again."""

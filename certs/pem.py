@@ -14,7 +14,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from certs.errors import CertError
+from certs.errors import CertError, CertReadError
 from certs.layout import CERT_MODE, FOLDER_MODE, KEY_MODE
 
 # Keys we can sign with: our own are ECDSA P-256, but Istio's sample plug-in CAs use RSA, and loading
@@ -30,7 +30,7 @@ def read_bytes(path: Path) -> bytes:
     except IsADirectoryError:
         raise CertError(f"{path}: is a folder, expected a PEM file") from None
     except OSError as exc:
-        raise CertError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        raise CertReadError(f"{path}: cannot read: {exc.strerror or exc}") from None
 
 
 def parse_certificates(data: bytes, source: str) -> list[x509.Certificate]:

@@ -17,7 +17,7 @@ from typing import Protocol, runtime_checkable
 
 from certs import layout
 from certs.authority import DEFAULT_WORKLOAD_TTL, CertificateAuthority
-from certs.errors import CertError, NoCertificateError
+from certs.errors import CertError, CertReadError, NoCertificateError
 from certs.times import Clock, utc_now
 from certs.workload import WorkloadCert
 from hbone.identity import Identity
@@ -126,6 +126,7 @@ class FileProvider:
         self._cert = WorkloadCert.load(self._dir)
         self._generation = 1
         self._next_check = monotonic() + check_interval
+        self._read_error: str | None = None  # the last I/O error reading the files, reported once
 
     @property
     def directory(self) -> Path:
@@ -157,12 +158,22 @@ class FileProvider:
             if stamp == self._stamp:
                 return False
             # Remembered even on failure, so a broken file is reported once, not every second.
-            self._stamp = stamp
+            previous, self._stamp = self._stamp, stamp
             try:
                 fresh = WorkloadCert.load(self._dir)
+            except CertReadError as exc:
+                # Not the files' fault (out of file descriptors, say): they are read again at the next check, or
+                # a renewed certificate would be ignored until they change once more. Reported once per cause.
+                self._stamp = previous
+                if str(exc) != self._read_error:
+                    log.warning("cannot read the changed certificate files (trying again), still serving %s: %s",
+                                self._cert, exc)  # fmt: skip
+                self._read_error = str(exc)
+                return False
             except CertError as exc:
                 log.warning("ignoring the changed certificate files, still serving %s: %s", self._cert, exc)
                 return False
+            self._read_error = None
             if fresh == self._cert:
                 return False  # touched or rewritten with the same content: nothing to rebuild
             if fresh.identity != self._cert.identity:

@@ -76,6 +76,11 @@ class ConfigError(ValueError):
     """A config file we refuse; the message is meant for the person who wrote the file."""
 
 
+class ConfigReadError(ConfigError):
+    """A config file that could not be read (an I/O error, such as running out of file descriptors): it says
+    nothing of the file, and reading it again later may work."""
+
+
 @dataclass(frozen=True, slots=True)
 class MeshConfig:
     workloads: tuple[Workload, ...] = ()
@@ -721,6 +726,8 @@ def load_config(path: str | Path) -> MeshConfig:
     """Read and validate the config file at `path`."""
     try:
         text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
+        raise ConfigReadError(f"{path}: cannot read config file: {e}") from None
+    except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: cannot read config file: {e}") from None
     return parse_config(text, str(path))

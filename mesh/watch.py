@@ -10,7 +10,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from mesh.config import ConfigError, load_config
+from mesh.config import ConfigError, ConfigReadError, load_config
 from mesh.state import MeshState
 
 log = logging.getLogger("mesh.watch")
@@ -70,10 +70,18 @@ class StateWatcher:
         stamp = self._file_stamp()
         if stamp == self._stamp:
             return False
-        self._stamp = stamp
+        previous, self._stamp = self._stamp, stamp
         assert self.path is not None
         try:
             config = load_config(self.path)
+        except ConfigReadError as exc:
+            # Not the file's fault (out of file descriptors, say): read again at the next check, or a change
+            # made meanwhile (a new DENY policy) would be ignored until the file changes once more.
+            self._stamp = previous
+            if str(exc) != self.last_error:  # once per cause, not every second
+                log.error("cannot read mesh config (trying again), keeping the last good one: %s", exc)
+            self.last_error = str(exc)
+            return False
         except ConfigError as exc:
             self.last_error = str(exc)
             log.error("refused new mesh config, keeping the last good one: %s", exc)
