@@ -18,6 +18,7 @@ from ewgateway_py.dispatch import Candidate, Destination, NoRoute, resolve
 from ewgateway_py.peers import SourceLabeller, destination_peer
 from hbone.errors import ConnectFailed
 from hbone.relay import Relay
+from hbone.server import ThrottledLog
 from hbone.tlslayer import Buffered
 from hbone.tunnel import Tunnel
 from mesh.daemon import DaemonContext
@@ -40,6 +41,9 @@ class Gateway:
         self.balancer = balancer or EndpointBalancer()
         self.sources = SourceLabeller(ctx.baggage_enabled, ctx.baggage_metrics)
         self._tasks: set[asyncio.Task[None]] = set()
+        # A CONNECT costs its sender a few bytes: what it can make us log is rate-limited (each is counted).
+        self._no_route_log = ThrottledLog(log, logging.INFO)
+        self._connect_failed_log = ThrottledLog(log, logging.WARNING)
 
     def on_stream(self, tunnel: Tunnel) -> None:
         task = asyncio.get_running_loop().create_task(self._serve(tunnel))
@@ -59,7 +63,7 @@ class Gateway:
         except NoRoute as exc:
             if exc.service is not None:
                 entry.labels = _with_service(entry.labels, exc.service)
-            log.info("503 for %s from %s (%s): %s", tunnel.target, entry.peer, identity, exc)
+            self._no_route_log("503 for %s from %s (%s): %s", tunnel.target, entry.peer, identity, exc)
             entry.refuse(self.metrics, str(exc))
             return
         chosen = self.balancer.acquire(destination.candidates)
@@ -78,9 +82,9 @@ class Gateway:
             transport = await _connect(chosen.address)
         except ConnectFailed as exc:
             self.balancer.failed(chosen)
-            log.warning("503 for %s from %s (%s): %s; passing over %s for %gs", tunnel.target, entry.peer,
-                        tunnel.connection.peer_identity, exc, chosen.workload.uid,
-                        self.balancer.ejection)  # fmt: skip
+            self._connect_failed_log("503 for %s from %s (%s): %s; passing over %s for %gs", tunnel.target,
+                                     entry.peer, tunnel.connection.peer_identity, exc, chosen.workload.uid,
+                                     self.balancer.ejection)  # fmt: skip
             entry.refuse(self.metrics, str(exc), exc.flag)
             return
         self.balancer.succeeded(chosen)

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -62,6 +63,9 @@ class HboneServer:
         self.connections: set[HboneConnection] = set()
         self._listeners: list[Listener] = []
         self._handshakes: set[asyncio.Task[None]] = set()
+        # Anyone can connect and fail a handshake as often as they like: each is counted (the hook), the
+        # warning is rate-limited.
+        self._refused_log = ThrottledLog(log, logging.WARNING)
 
     async def listen(self, host: str, port: int) -> Listener:
         """Listen on host:port. Accepted sockets are wrapped in TLS before anything reads from them."""
@@ -149,7 +153,7 @@ class HboneServer:
         reason: str,
         tls: asyncio.Transport | None,
     ) -> None:
-        log.warning("%s: refused HBONE connection %s: %s", self.name, where, reason)
+        self._refused_log("%s: refused HBONE connection %s: %s", self.name, where, reason)
         if self.on_handshake_failure is not None:
             self.on_handshake_failure(local, peer, reason)
         if tls is not None:
@@ -189,6 +193,25 @@ class Throttle:
             return None
         held, self._held, self._last = self._held, 0, now
         return held
+
+
+class ThrottledLog:
+    """A log line a peer can cause as often as it likes (a refused connection or stream): the first at once,
+    then at most one per `interval`, saying how many like it were held back. The counts are per instance: give
+    each listener or daemon its own."""
+
+    def __init__(self, logger: logging.Logger, level: int, interval: float = 10.0) -> None:
+        self._logger = logger
+        self._level = level
+        self._throttle = Throttle(interval)
+
+    def __call__(self, msg: str, *args: object) -> None:
+        held = self._throttle.hit(time.monotonic())
+        if held is None:
+            return
+        if held:
+            msg, args = f"{msg} (and %d more like it since the last such line)", (*args, held)
+        self._logger.log(self._level, msg, *args)
 
 
 class Listener:

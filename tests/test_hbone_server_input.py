@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import time
 
 import pytest
 from h2.errors import ErrorCodes
@@ -21,6 +22,7 @@ from hbone.connection import (
     HboneConnection,
     ResetBudget,
 )
+from hbone.server import ThrottledLog
 from tests.support.apps import TcpApp, TunnelServer, read_all, stream_pair
 from tests.support.pki import TestPki, ident
 from tests.support.rawh2 import RawH2Client
@@ -348,6 +350,33 @@ async def test_header_list_over_64k_costs_only_its_connection(pki, server, echo_
     outcome = await client.request([(":method", "CONNECT"), (":authority", f"127.0.0.1:{echo_app.port}"), *big])
     assert outcome.status is None and outcome.connection_closed
     await assert_still_serving(pki, server, echo_app)
+
+
+async def test_refused_connections_in_a_row_make_one_warning(pki, server, echo_app, caplog) -> None:
+    """Anyone can connect and fail a handshake as often as they like: twenty in a row make one warning line
+    (then at most one per ten seconds, saying how many were held back), and the server goes on."""
+    caplog.set_level(logging.INFO)
+    for _ in range(20):
+        reader, writer = await asyncio.open_connection(*server.address)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+    await assert_still_serving(pki, server, echo_app)
+    assert sum("refused HBONE connection" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_throttled_log_line_says_how_many_were_held_back(caplog) -> None:
+    logger = logging.getLogger("tests.throttled")
+    caplog.set_level(logging.INFO, logger="tests.throttled")
+    line = ThrottledLog(logger, logging.WARNING, interval=0.05)
+    for n in range(5):
+        line("refused %d", n)
+    time.sleep(0.1)  # past the interval (not a measurement)
+    line("refused %d", 5)
+    assert [r.getMessage() for r in caplog.records] == [
+        "refused 0",
+        "refused 5 (and 4 more like it since the last such line)",
+    ]
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from hbone.authority import format_authority
 from hbone.errors import HboneError
 from hbone.identity import Identity
+from hbone.server import ThrottledLog
 from hbone.tunnel import Tunnel
 from mesh.metrics import PeerLabels
 from mesh.peers import peer_from_baggage
@@ -37,6 +38,7 @@ class Inbound:
         self.sessions: set[Session] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.draining = False
+        self._unknown_log = ThrottledLog(log, logging.INFO)  # a CONNECT costs its sender a few bytes
 
     def on_stream(self, tunnel: Tunnel) -> None:
         task = asyncio.get_running_loop().create_task(self._serve(tunnel))
@@ -55,7 +57,7 @@ class Inbound:
         try:
             original = resolve(view.state, self.wp.network, tunnel.target)
         except UnknownDestination as exc:
-            log.info("CONNECT %s from %s: 503, unknown destination: %s", tunnel.authority, where, exc)
+            self._unknown_log("CONNECT %s from %s: 503, unknown destination: %s", tunnel.authority, where, exc)
             tunnel.respond(503)
             return
         principal = tunnel.connection.peer_identity

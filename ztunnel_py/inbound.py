@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from hbone.authority import format_authority
 from hbone.identity import Identity
 from hbone.relay import Relay
-from hbone.server import Throttle
+from hbone.server import ThrottledLog
 from hbone.tlslayer import Buffered
 from hbone.tunnel import Tunnel
 from mesh.authz import ConnectionInfo, decide
@@ -54,7 +54,7 @@ REFUSAL_WARNING_INTERVAL = 10.0
 class Inbound:
     def __init__(self, node: Node) -> None:
         self.node = node
-        self._refusals = Throttle(REFUSAL_WARNING_INTERVAL)
+        self._refused_log = ThrottledLog(log, logging.WARNING, REFUSAL_WARNING_INTERVAL)
 
     def on_stream(self, tunnel: Tunnel) -> None:
         task = asyncio.get_running_loop().create_task(self._serve(tunnel))
@@ -181,18 +181,15 @@ class Inbound:
 
     # -- results -------------------------------------------------------------------------------------
     def _refuse(self, call: InboundCall, exc: Refused, started: float, counted: bool = False) -> None:
-        held = self._refusals.hit(time.monotonic())
-        if held is not None:
-            log.warning(
-                "inbound CONNECT %s from %s (%s:%d) refused with %d: %s%s",
-                call.tunnel.authority,
-                call.source_identity,
-                call.peer[0],
-                call.peer[1],
-                exc.status,
-                exc,
-                f" ({held} more refused since the last warning: see the access log)" if held else "",
-            )
+        self._refused_log(
+            "inbound CONNECT %s from %s (%s:%d) refused with %d: %s",
+            call.tunnel.authority,
+            call.source_identity,
+            call.peer[0],
+            call.peer[1],
+            exc.status,
+            exc,
+        )
         call.tunnel.respond(exc.status)
         if not counted and exc.status != 400:
             self.node.tcp.open(self._labels(call)).close(exc.flag)

@@ -9,6 +9,7 @@ import time
 
 from hbone.authority import format_authority
 from hbone.relay import Relay
+from hbone.server import ThrottledLog
 from hbone.tlslayer import Buffered
 from mesh.authz import ConnectionInfo, decide
 from mesh.metrics import NO_FLAGS, PeerLabels, TrafficLabels
@@ -19,9 +20,10 @@ log = logging.getLogger("ztunnel.inbound_plaintext")
 
 
 class PlaintextProtocol(Buffered):
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, refused_log: ThrottledLog) -> None:
         super().__init__()
         self._node = node
+        self._refused_log = refused_log  # the listener's: a connection costs its sender nothing
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -45,7 +47,7 @@ class PlaintextProtocol(Buffered):
         dst = original_destination(sock)
         dest = node.local_workload(dst[0]) if dst else None
         if dst is None or dest is None or dst[1] in node.own_ports:
-            log.warning(
+            self._refused_log(
                 "plaintext inbound from %s:%d refused: original destination %s is not a local workload port",
                 peer[0],
                 peer[1],
@@ -61,7 +63,7 @@ class PlaintextProtocol(Buffered):
         )
         decision = decide(node.state.policies_for(dest), ConnectionInfo(None, peer[0], dst[0], dst[1]))
         if not decision.allowed:
-            log.warning("plaintext inbound from %s to %s:%d denied: %s", peer[0], dst[0], dst[1], decision.reason)
+            self._refused_log("plaintext inbound from %s to %s:%d denied: %s", peer[0], dst[0], dst[1], decision.reason)
             node.tcp.open(labels).close("DENY")
             return
         recorder = node.tcp.open(labels)
@@ -69,7 +71,7 @@ class PlaintextProtocol(Buffered):
         try:
             app, _ = await asyncio.wait_for(loop.create_connection(Buffered, dst[0], dst[1]), node.connect_timeout)
         except (OSError, TimeoutError) as exc:
-            log.warning("plaintext inbound to %s:%d: connect failed: %s", dst[0], dst[1], exc)
+            self._refused_log("plaintext inbound to %s:%d: connect failed: %s", dst[0], dst[1], exc)
             recorder.close("CONNECT")
             return
 

@@ -9,10 +9,11 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from hbone.server import HboneServer, ServerIdentity
+from hbone.server import HboneServer, ServerIdentity, ThrottledLog
 from mesh.daemon import DaemonContext
 from mesh.model import DEFAULT_HBONE_PORT
 from mesh.state import MeshState
+from ztunnel_py import capture, inbound_plaintext
 from ztunnel_py.capture import CaptureProtocol
 from ztunnel_py.inbound import Inbound
 from ztunnel_py.inbound_plaintext import PlaintextProtocol
@@ -41,6 +42,10 @@ class Ztunnel:
         self.hbone = HboneServer(self._identity_at, self.inbound.on_stream, settings=ctx.h2, name="ztunnel")
         self._per_ip: dict[tuple[str, str], asyncio.Server] = {}
         self._fixed: list[asyncio.Server] = []
+        # Warnings about connections refused on the plaintext and capture ports: rate-limited, shared by all
+        # listeners of a kind (a connection costs its sender nothing).
+        self._plaintext_log = ThrottledLog(inbound_plaintext.log, logging.WARNING)
+        self._capture_log = ThrottledLog(capture.log, logging.WARNING)
         ctx.watcher.on_change(self._state_changed)
 
     def _identity_at(self, local: tuple[str, int]) -> ServerIdentity | None:
@@ -59,7 +64,9 @@ class Ztunnel:
         if s.inbound_plaintext_addr and s.inbound_plaintext_addr != OFF:
             self._fixed.append(
                 await loop.create_server(
-                    lambda: PlaintextProtocol(self.node), *s.inbound_plaintext_addr, reuse_address=True
+                    lambda: PlaintextProtocol(self.node, self._plaintext_log),
+                    *s.inbound_plaintext_addr,
+                    reuse_address=True,
                 )
             )
         if s.socks5_addr != OFF:
@@ -71,7 +78,10 @@ class Ztunnel:
         if s.outbound_addr != OFF:
             self._fixed.append(
                 await loop.create_server(
-                    lambda: CaptureProtocol(self.outbound), *s.outbound_addr, reuse_address=True, backlog=1024
+                    lambda: CaptureProtocol(self.outbound, self._capture_log),
+                    *s.outbound_addr,
+                    reuse_address=True,
+                    backlog=1024,
                 )
             )
         # A listener on port 0 got its port from the kernel: that one is ours too (no loops through it).
@@ -97,7 +107,7 @@ class Ztunnel:
                 wanted[("hbone", ip)] = lambda ip: self.hbone.listen(ip, DEFAULT_HBONE_PORT)
             if not s.inbound_plaintext_addr:
                 wanted[("plaintext", ip)] = lambda ip: loop.create_server(
-                    lambda: PlaintextProtocol(self.node), ip, PLAINTEXT_PORT, reuse_address=True
+                    lambda: PlaintextProtocol(self.node, self._plaintext_log), ip, PLAINTEXT_PORT, reuse_address=True
                 )
         for key in list(self._per_ip):
             if key not in wanted:
