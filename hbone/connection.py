@@ -145,7 +145,9 @@ class HboneConnection(asyncio.Protocol):
         self._data_path = DataPath(self._h2, self._outbox)
         self._transport: asyncio.Transport | None = None
         self._streams: dict[int, Tunnel] = {}
-        self._blocked: set[Tunnel] = set()
+        self._blocked: set[Tunnel] = set()  # streams with data queued that their windows did not let go
+        # Of those, the ones whose own stream window has room: what a connection WINDOW_UPDATE may unblock.
+        self._blocked_on_connection: set[Tunnel] = set()
         self._unacked_streams: set[Tunnel] = set()
         self._unacked_total = 0
         # Well below h2's own threshold (half a window), so holding these back never stalls a sender.
@@ -297,7 +299,15 @@ class HboneConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        for tunnel in list(self._blocked):
+        self._flush_blocked(self._blocked)
+
+    def _flush_blocked(self, blocked: set[Tunnel]) -> None:
+        """Send what the `blocked` streams may send now, as long as the connection's window lasts. A connection
+        WINDOW_UPDATE revisits only the streams whose own window has room: a peer that keeps every stream
+        window at 0 and sends WINDOW_UPDATE(0, +1) frames must not make us walk every blocked stream for each."""
+        for tunnel in list(blocked):
+            if self._h2.outbound_flow_control_window <= 0:
+                break
             self._flush_stream(tunnel)
 
     # -- events ------------------------------------------------------------------------------------------
@@ -314,8 +324,7 @@ class HboneConnection(asyncio.Protocol):
             self._on_response(event)
         elif isinstance(event, h2.events.WindowUpdated):
             if event.stream_id == 0:
-                for tunnel in list(self._blocked):
-                    self._flush_stream(tunnel)
+                self._flush_blocked(self._blocked_on_connection)
             elif (tunnel := self._streams.get(event.stream_id)) is not None:
                 self._flush_stream(tunnel)
         elif isinstance(event, h2.events.StreamEnded):
@@ -327,9 +336,10 @@ class HboneConnection(asyncio.Protocol):
             if not self.ready.done():
                 self.ready.set_result(None)
                 self._cancel_handshake_timer()
-            # A bigger window from the peer may unblock streams.
-            for tunnel in list(self._blocked):
-                self._flush_stream(tunnel)
+            # A bigger stream window from the peer may unblock streams.
+            grown = event.changed_settings.get(h2.settings.SettingCodes.INITIAL_WINDOW_SIZE)
+            if grown is not None and grown.new_value > (grown.original_value or 0):
+                self._flush_blocked(self._blocked)
         elif isinstance(event, h2.events.PingAckReceived):
             if event.ping_data == self._ping_payload:
                 self._ping_sent_at = None
@@ -518,6 +528,7 @@ class HboneConnection(asyncio.Protocol):
     def _flush_stream(self, tunnel: Tunnel) -> None:
         if self._closed or tunnel.finished:
             self._blocked.discard(tunnel)
+            self._blocked_on_connection.discard(tunnel)
             return
         conn = self._h2
         sid = tunnel.stream_id
@@ -550,8 +561,14 @@ class HboneConnection(asyncio.Protocol):
             tunnel._send_size = 0
         if queue:
             self._blocked.add(tunnel)
+            stream = conn.streams.get(sid)
+            if stream is not None and stream.outbound_flow_control_window > 0:
+                self._blocked_on_connection.add(tunnel)
+            else:
+                self._blocked_on_connection.discard(tunnel)  # its own WINDOW_UPDATE will unblock it
         else:
             self._blocked.discard(tunnel)
+            self._blocked_on_connection.discard(tunnel)
         if not self._batch:
             self._flush()
         tunnel._maybe_resume_protocol()
@@ -612,6 +629,7 @@ class HboneConnection(asyncio.Protocol):
             self._ack_stream(tunnel)  # its bytes still count against the connection window
         self._streams.pop(tunnel.stream_id, None)
         self._blocked.discard(tunnel)
+        self._blocked_on_connection.discard(tunnel)
         waiter = self._pending_open.pop(tunnel.stream_id, None)
         if waiter is not None and not waiter.done():
             waiter.set_exception(tunnel.error or StreamReset("stream ended before the answer"))
@@ -773,6 +791,7 @@ class HboneConnection(asyncio.Protocol):
             tunnel._on_connection_lost(err)
         self._streams.clear()
         self._blocked.clear()
+        self._blocked_on_connection.clear()
         if not self.closed.done():
             self.closed.set_result(None)
         if self._transport is not None and not self._transport.is_closing():

@@ -211,6 +211,47 @@ async def test_a_complete_stream_is_kept_for_its_consumer_within_the_connection_
         await srv.close()
 
 
+@bounded(60)
+async def test_a_connection_window_update_visits_only_streams_it_can_unblock(pki) -> None:
+    """Fifty streams hold data for a peer that gives them no stream window (INITIAL_WINDOW_SIZE 0). A
+    WINDOW_UPDATE for the connection cannot unblock any of them, so it must not walk them: a peer sending
+    such frames (13 bytes each) would otherwise cost us a pass over every blocked stream per frame. A stream
+    that gets window of its own still sends at once."""
+
+    async def speaks_first(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"hello" * 100)
+        await writer.drain()
+        await reader.read()
+
+    app = await TcpApp(speaks_first).start()
+    srv = await TunnelServer(SERVER, lambda: pki.server_ctx(SERVER)).start()
+    peer = await peer_for(pki, srv, window=0)
+    try:
+        sids = [await peer.connect_stream(f"127.0.0.1:{app.port}") for _ in range(50)]
+        conn = srv.server.connections.copy().pop()
+        await eventually(lambda: len(conn._blocked) == 50, "every stream blocked on its window", WAIT)
+        visits = 0
+        flush_stream = conn._flush_stream
+
+        def counting(tunnel: Tunnel) -> None:
+            nonlocal visits
+            visits += 1
+            flush_stream(tunnel)
+
+        conn._flush_stream = counting  # type: ignore[method-assign]
+        for _ in range(100):
+            peer.grant(0, 1)
+        await peer.ping()
+        assert visits == 0 and not any(peer.data[sid] for sid in sids)
+        peer.grant(sids[7], 10)
+        await peer.until(lambda: bytes(peer.data[sids[7]]) == b"hellohello", "ten bytes on that stream")
+        assert not peer.violations, peer.summary()
+    finally:
+        await peer.close()
+        await srv.close()
+        await app.close()
+
+
 @pytest.mark.parametrize("count", [32, 33])
 @bounded(30)
 async def test_a_settings_frame_of_more_than_32_parameters_ends_the_connection(pki, echo_app, count) -> None:
