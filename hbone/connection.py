@@ -468,9 +468,18 @@ class HboneConnection(asyncio.Protocol):
     def usable(self) -> bool:
         return not (self._closed or self._draining or self._goaway_received)
 
+    @property
+    def congested(self) -> bool:
+        """Whether unread data holds so much of our receive window that a new stream here could stall: under a
+        quarter of it left means over a quarter is held by streams whose consumers do not read (h2 gives credit
+        back at half a window). On a pooled connection those are other clients' streams (a waypoint's
+        connection to an endpoint carries every client's), so a new stream goes to another connection."""
+        window = self._h2._inbound_flow_control_window_manager
+        return window.current_window_size < window.max_window_size // 4
+
     def reserve(self) -> bool:
         """Claim a stream slot for a CONNECT about to be sent (the pool's admission check)."""
-        if not self.usable or len(self._streams) + self._reserved >= self.max_streams:
+        if not self.usable or len(self._streams) + self._reserved >= self.max_streams or self.congested:
             return False
         self._reserved += 1
         self.idle_since = None

@@ -8,6 +8,7 @@ import hashlib
 import pytest
 
 from hbone.client import client_over, dial, open_first_stream
+from hbone.connection import H2Settings
 from hbone.errors import ConnectRefused
 from hbone.pool import Pool, PoolKey
 from tests.support.apps import (
@@ -169,6 +170,48 @@ async def test_pool_reuses_connection_and_dials_once(pki: TestPki, server: Tunne
         t.close()
     await pool.close()
     await app.close()
+
+
+async def test_pool_opens_new_streams_elsewhere_while_unread_data_holds_a_connection(pki: TestPki) -> None:
+    """A stream whose consumer does not read holds the connection's receive window with what it received (up to
+    its stream window). On a pooled connection that is other clients' window: a waypoint's connection to an
+    endpoint carries every client's requests, and a few clients that do not read their answers could stall
+    everyone's. Once over a quarter of the window is held that way, new streams go to another connection;
+    when the data is read, the first connection takes streams again."""
+    settings = H2Settings(stream_window=1 << 20, connection_window=1 << 20)
+
+    async def speaks(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(bytes(900 * 1024))
+        await writer.drain()
+        await reader.read()
+
+    app = await TcpApp(speaks).start()
+    srv = await TunnelServer(SERVER, lambda: pki.server_ctx(SERVER)).start()
+    pool = Pool()
+    key = PoolKey(CLIENT, frozenset([SERVER]), srv.address, "127.0.0.1")
+
+    async def dialer():
+        return await dial(srv.address, pki.client_ctx(CLIENT), [SERVER], local_identity=CLIENT, settings=settings)
+
+    try:
+        slow = await pool.open_stream(key, dialer, f"127.0.0.1:{app.port}", [])
+        slow.pause_reading()  # its consumer does not read: what arrives stays held
+        first = slow.connection
+        await eventually(lambda: slow.bytes_received == 900 * 1024, "the answer held, unread")
+        other = await pool.open_stream(key, dialer, f"127.0.0.1:{app.port}", [])
+        assert other.connection is not first and pool.connections_opened == 2
+        reader, _ = stream_pair(other)
+        assert len(await asyncio.wait_for(reader.readexactly(900 * 1024), 10)) == 900 * 1024  # not stalled
+        slow_reader, _ = stream_pair(slow)  # now read: the window comes back
+        slow.resume_reading()
+        await asyncio.wait_for(slow_reader.readexactly(900 * 1024), 10)
+        await eventually(lambda: not first.congested, "the first connection's window back")
+        third = await pool.open_stream(key, dialer, f"127.0.0.1:{app.port}", [])
+        assert third.connection is first
+    finally:
+        await pool.close()
+        await srv.close()
+        await app.close()
 
 
 async def test_pool_releases_idle_connections(pki: TestPki, server: TunnelServer) -> None:
