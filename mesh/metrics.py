@@ -93,16 +93,12 @@ def grpc_response_status(grpc: bool, status: int | str | None) -> str:
 
     Empty for plain HTTP (Envoy does the same): Prometheus treats an empty label as absent, which is what "only
     present for gRPC" means to a query. For gRPC, the status, or `unknown` without one (no response, no
-    trailers), as every missing value (SPEC §7). The status comes from the upstream, so it is bounded here, where
-    it becomes a label: anything but a code gRPC defines is UNKNOWN (2), as a gRPC client reads it, so an upstream
-    cannot mint a new series per value it sends.
+    trailers), as every missing value (SPEC §7). The waypoint bounds what an upstream sends to gRPC's codes where
+    it reads it (`waypoint_py.forward`), so an upstream cannot mint a series per value.
     """
     if not grpc:
         return ""
-    if status is None or status == "":
-        return UNKNOWN
-    text = str(status)
-    return text if text in GRPC_STATUS_CODES else GRPC_UNKNOWN
+    return _v(None if status is None else str(status))
 
 
 @dataclass(frozen=True, slots=True)

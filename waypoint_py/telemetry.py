@@ -59,13 +59,6 @@ class RequestReport:
         return ",".join(self.flags) or NO_FLAGS
 
 
-def _response_code(code: int) -> str:
-    """The `response_code` label: an HTTP status code (100-599), or 0 (no response), as Envoy reports them. The
-    forwarder already refuses an upstream status outside that range; this keeps the label bounded whatever a
-    report carries."""
-    return str(code) if 100 <= code <= 599 else "0"
-
-
 # `mesh.accesslog._text_value`, for strings: quoted (JSON) only when a value would break key=value splitting.
 
 
@@ -133,7 +126,7 @@ class RequestTelemetry:
                 response_flags=flags,
                 connection_security_policy=SECURITY_POLICY,
             )
-            values = (*labels.values(), _response_code(r.response_code), grpc_status)
+            values = (*labels.values(), str(r.response_code), grpc_status)
             http = self.http
             children = (http.requests.labels(*values), http.duration.labels(*values),
                         http.request_bytes.labels(*values), http.response_bytes.labels(*values))  # fmt: skip
