@@ -145,9 +145,10 @@ async def test_a_stream_cut_off_unread_gives_its_bytes_back_to_the_connection(pk
             assert tunnel.finished, end
         assert not peer.goaways and not peer.violations, peer.summary()
         # The windows as the peer counts them and as h2 does agree, and nothing is owed any more.
-        window = srv.connection()._h2._inbound_flow_control_window_manager
+        conn = srv.connection()
+        window = conn._h2._inbound_flow_control_window_manager
         assert window.current_window_size == peer.send_conn_window
-        assert window.current_window_size + window._bytes_processed == 1 * MiB
+        assert window.current_window_size + conn.credit_owed == 1 * MiB
         for _, consumer in srv.paused:
             # Nothing more reaches the consumer but connection_lost, even while it is paused: an error for
             # CONNECT_ERROR, a clean end (SPEC §3.5) otherwise.
@@ -158,7 +159,7 @@ async def test_a_stream_cut_off_unread_gives_its_bytes_back_to_the_connection(pk
             else:
                 assert consumer.lost == [None]
         # Not one byte was acknowledged twice.
-        assert window.current_window_size + window._bytes_processed == 1 * MiB
+        assert window.current_window_size + conn.credit_owed == 1 * MiB
         # And the connection still carries a tunnel.
         sid = await peer.connect_stream(f"127.0.0.1:{echo_app.port}")
         await peer.send_when_allowed(sid, b"still moving")
@@ -202,10 +203,11 @@ async def test_a_complete_stream_is_kept_for_its_consumer_within_the_connection_
         await peer.send_when_allowed(fifth, b"x" * 32 * KiB)
         await peer.ping()
         assert srv.paused[4][0].bytes_received == 32 * KiB
-        window = srv.connection()._h2._inbound_flow_control_window_manager
+        conn = srv.connection()
+        window = conn._h2._inbound_flow_control_window_manager
         assert window.current_window_size == peer.send_conn_window
-        # Every byte is in the window, acknowledged, or still unread (the fifth stream's 32 KiB).
-        assert window.current_window_size + window._bytes_processed == 1 * MiB - 32 * KiB
+        # Every byte is in the window, owed, or still unread (the fifth stream's 32 KiB).
+        assert window.current_window_size + conn.credit_owed == 1 * MiB - 32 * KiB
     finally:
         await peer.close()
         await srv.close()
@@ -334,9 +336,10 @@ async def test_application_reset_while_the_relay_is_paused_ends_the_relay_and_fr
         await peer.until(lambda: sid in peer.resets, "the RST_STREAM")
         assert peer.resets[sid] == ErrorCodes.CONNECT_ERROR
         await peer.ping()
-        window = srv.server.connections.copy().pop()._h2._inbound_flow_control_window_manager
+        conn = srv.server.connections.copy().pop()
+        window = conn._h2._inbound_flow_control_window_manager
         assert window.current_window_size == peer.send_conn_window
-        assert window.current_window_size + window._bytes_processed == 16 * MiB
+        assert window.current_window_size + conn.credit_owed == 16 * MiB
     finally:
         release.set()
         await peer.close()
