@@ -3,6 +3,8 @@
     direct:        http_load (client pod IP) --------------------------------------------> http_server
     stunnel pair:  http_load --> stunnel client ==TLS 1.3 mTLS==> stunnel server --------> http_server
     ztunnel pair:  http_load (client pod IP) --SOCKS5--> ztunnel node1 ==HBONE==> ztunnel node2 --> http_server
+    TLS relay pair (reference, keep-alive at the fixed rate only):
+                   http_load --> tls_relay client ==TLS 1.3 mTLS==> tls_relay server -----> http_server
 
 The ztunnels are the real daemons (`python -m ztunnel_py`, shared mode, one per node, mesh state from
 `topology`), the client pod on node1, the server pod on node2; requests go to the service VIP. The same
@@ -10,6 +12,10 @@ generator (`bench.workers.http_load`, the one that speaks SOCKS5) loads every va
 pod's IP. Loads: a fixed rate (`--rate`, default 1000/s over `--connections`): latency of a path that keeps
 up, and CPU per 1000 requests; a closed loop ("max"): the most requests/s. Each with keep-alive and with a
 new connection per request (its latency includes connect, and for the ztunnel the SOCKS5 exchange).
+
+The TLS relay pair (`bench.workers.tls_relay`) is the ztunnels' TLS layer and certificates with nothing else:
+one TLS session per client connection, bytes copied both ways, no HTTP/2. Its added latency is the floor of
+this runtime for a TLS proxy pair, next to stunnel's (C) and the ztunnels'.
 
 Added latency = p50 of the variant minus p50 of direct in the same round. Memory: each ztunnel's RSS at rest
 (after one request, so the pooled HBONE connection exists) and with 1,000 open tunnelled connections.
@@ -33,11 +39,12 @@ from bench.httpbench import (
 from bench.loadgen import hold_connections, run_http_load, start_http_server
 from bench.mesh import BenchMesh
 from bench.pki import BenchPki
-from bench.procs import free_port
+from bench.procs import Process, free_port, python_module, wait_listening
 
 DIRECT = "direct / {mode}"
 STUNNEL = "stunnel pair / {mode}"
 ZTUNNEL = "ztunnel pair / {mode}"
+TLS_RELAY = "TLS relay pair, no HTTP/2 (reference) / {mode}"
 HELD = 1000
 MiB = 1 << 20
 
@@ -69,6 +76,28 @@ def memory_per_connection(ctx: Context, mesh: BenchMesh, path: RequestPath) -> d
     return figures
 
 
+def start_tls_relays(ctx: Context, pki: BenchPki, server_ip: str, server_port: int) -> tuple[dict[str, Process], int]:
+    """The reference pair, `bench.workers.tls_relay`: its processes by role, and the client side's port."""
+    server_port_tls, client_port = free_port(), free_port()
+    server = ctx.procs.start(
+        "tls-relay-server",
+        python_module(
+            "bench.workers.tls_relay", "--role", "server", "--listen", f"127.0.0.1:{server_port_tls}",
+            "--connect", f"{server_ip}:{server_port}", "--certs", pki.issue("relay-server").folder,
+        ),
+    )  # fmt: skip
+    client = ctx.procs.start(
+        "tls-relay-client",
+        python_module(
+            "bench.workers.tls_relay", "--role", "client", "--listen", f"127.0.0.1:{client_port}",
+            "--connect", f"127.0.0.1:{server_port_tls}", "--certs", pki.issue("relay-client").folder,
+        ),
+    )  # fmt: skip
+    wait_listening(server_port_tls, server)
+    wait_listening(client_port, client)
+    return {"client": client, "server": server}, client_port
+
+
 @scenario("ztunnel-http", "1 KiB HTTP requests through a ztunnel pair vs direct vs an stunnel pair; CPU, RSS")
 def run(ctx: Context) -> ScenarioResult:
     mesh = BenchMesh(ctx, TOPOLOGY)
@@ -88,6 +117,7 @@ def run(ctx: Context) -> ScenarioResult:
         certs=pki.issue("bench-client"),
     )  # fmt: skip
 
+    r_client, r_client_port = start_tls_relays(ctx, pki, server_ip, server_port)
     paths = {
         DIRECT: RequestPath("direct", f"{server_ip}:{server_port}", bind=client_ip, others=[server]),
         STUNNEL: RequestPath(
@@ -109,11 +139,22 @@ def run(ctx: Context) -> ScenarioResult:
     memory = memory_per_connection(ctx, mesh, paths[ZTUNNEL])
     ctx.log("RSS: " + ", ".join(f"{k}={v:.2f}" for k, v in memory.items()))
 
+    reference = RequestPath(
+        "TLS relay pair", f"127.0.0.1:{r_client_port}", bind=client_ip, charged=r_client, others=[server]
+    )
     variants = [
         Variant(name.format(mode=load.label), lambda p=path, m=load: measure_requests(ctx, p, m), {"mode": load.label})
         for load in loads(ctx)
         for name, path in paths.items()
     ]
+    keep_alive = loads(ctx)[0]
+    variants.append(
+        Variant(
+            TLS_RELAY.format(mode=keep_alive.label),
+            lambda: measure_requests(ctx, reference, keep_alive),
+            {"mode": keep_alive.label},
+        )
+    )
     results = run_interleaved(ctx, variants)
     add_difference(results, "p50_ms", DIRECT, "added_p50_ms")
     zt = paths[ZTUNNEL]
