@@ -31,12 +31,10 @@ async def _connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWrite
 
 
 async def _listening(port: int) -> bool:
-    try:
-        _, writer = await asyncio.open_connection("127.0.0.1", port)
-    except OSError:
-        return False
-    writer.close()
-    return True
+    opened = await _connect(port)
+    if opened is not None:
+        opened[1].close()
+    return opened is not None
 
 
 async def test_pair_relays_every_byte_over_mutual_tls(tmp_path: Path) -> None:
