@@ -619,24 +619,33 @@ class HboneConnection(asyncio.Protocol):
             return
         tunnel._unacked += flow_len
         if tunnel._unacked >= self._stream_update_at:
-            credit, tunnel._unacked = tunnel._unacked, 0
-            if not tunnel.finished:  # a closed stream takes no more data: only the connection's credit counts
-                with contextlib.suppress(h2.exceptions.ProtocolError):
-                    self._h2.increment_flow_control_window(credit, tunnel.stream_id)
-                if not self._batch:
-                    self._flush()
-        self._connection_ack(flow_len)
+            self._give_stream_credit(tunnel)
+        self._connection_unacked += flow_len
+        if self._connection_unacked >= self._connection_update_at:
+            self._give_connection_credit()
 
     def _connection_ack(self, flow_len: int) -> None:
-        """Connection-level credit for `flow_len` bytes consumed or dropped (of any stream, known or not)."""
+        """`_ack` for bytes of a stream we no longer know: connection credit only."""
         if not flow_len or self._closed:
             return
         self._connection_unacked += flow_len
         if self._connection_unacked >= self._connection_update_at:
-            credit, self._connection_unacked = self._connection_unacked, 0
-            self._h2.increment_flow_control_window(credit)
-            if not self._batch:
-                self._flush()
+            self._give_connection_credit()
+
+    def _give_stream_credit(self, tunnel: Tunnel) -> None:
+        credit, tunnel._unacked = tunnel._unacked, 0
+        if tunnel.finished:
+            return  # a closed stream takes no more data: only the connection's credit counts
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self._h2.increment_flow_control_window(credit, tunnel.stream_id)
+        if not self._batch:
+            self._flush()
+
+    def _give_connection_credit(self) -> None:
+        credit, self._connection_unacked = self._connection_unacked, 0
+        self._h2.increment_flow_control_window(credit)
+        if not self._batch:
+            self._flush()
 
     def _reset(self, tunnel: Tunnel, code: int) -> None:
         if self._closed:

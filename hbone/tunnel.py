@@ -72,7 +72,7 @@ class Tunnel(asyncio.Transport):
         self._error: BaseException | None = None
         self.bytes_received = 0
         self.bytes_sent = 0
-        self._unacked = 0  # taken by the consumer, not yet told to h2 (see HboneConnection._ack)
+        self._unacked = 0  # taken by the consumer, its stream credit not yet sent (see HboneConnection._ack)
 
     # -- headers -------------------------------------------------------------------------------------
     def header(self, name: str) -> str | None:
