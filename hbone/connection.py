@@ -143,6 +143,7 @@ class HboneConnection(asyncio.Protocol):
         # A malformed header block costs its stream only (RFC 9113 §8.1.1), see `h2fast.HboneH2Connection`.
         config = h2.config.H2Configuration(client_side=client, header_encoding=None, validate_inbound_headers=True)
         self._h2 = make_connection(config, self._on_goaway_frame)
+        self._receive_window = self._h2._inbound_flow_control_window_manager  # what the peer may still send us
         self._outbox = install_outbox(self._h2)
         self._data_path = DataPath(self._h2, self._outbox)
         self._transport: asyncio.Transport | None = None
@@ -608,7 +609,8 @@ class HboneConnection(asyncio.Protocol):
 
     def _ack(self, tunnel: Tunnel, flow_len: int) -> None:
         """The consumer took `flow_len` bytes of `tunnel` (or they were dropped): credit for them goes back to
-        the peer once a quarter of the stream's or the connection's window is due.
+        the peer once a quarter of the stream's or the connection's window is due, and the connection's at
+        once while less than a quarter of its window is left (see `_held`).
 
         h2 would wait for half a window (as nghttp2 and Rust's h2 do). On double HBONE the inner stream's
         window covers every buffer of three hops (the source's outer connection, the gateway, the socket to the
@@ -621,7 +623,8 @@ class HboneConnection(asyncio.Protocol):
         if tunnel._unacked >= self._stream_update_at:
             self._give_stream_credit(tunnel)
         self._connection_unacked += flow_len
-        if self._connection_unacked >= self._connection_update_at:
+        update_at = self._connection_update_at
+        if self._connection_unacked >= update_at or self._receive_window.current_window_size < update_at:
             self._give_connection_credit()
 
     def _connection_ack(self, flow_len: int) -> None:
@@ -629,7 +632,16 @@ class HboneConnection(asyncio.Protocol):
         if not flow_len or self._closed:
             return
         self._connection_unacked += flow_len
-        if self._connection_unacked >= self._connection_update_at:
+        update_at = self._connection_update_at
+        if self._connection_unacked >= update_at or self._receive_window.current_window_size < update_at:
+            self._give_connection_credit()
+
+    def _held(self) -> None:
+        """A stream kept what it received for a consumer not reading now. Once less than a quarter of the
+        connection window is left, credit still owed goes back at once: the streams it is owed for have read
+        everything they got, so nothing more may be consumed to push it over a quarter, and their senders
+        would wait for ever behind data that is not read (h2 has the same rule for a window at zero)."""
+        if self._connection_unacked and self._receive_window.current_window_size < self._connection_update_at:
             self._give_connection_credit()
 
     def _give_stream_credit(self, tunnel: Tunnel) -> None:

@@ -156,6 +156,7 @@ class Tunnel(asyncio.Transport):
         self.bytes_received += len(data)
         if self._reading_paused or self._recv or not self._has_user_protocol:
             self._recv.append((data, flow_len))
+            self._conn._held()
             return
         self._conn._ack(self, flow_len)
         if data:

@@ -242,6 +242,43 @@ async def test_credit_goes_back_every_quarter_window(pki, server, raw_peer) -> N
         await app.close()
 
 
+@bounded(30)
+async def test_credit_owed_goes_back_when_held_data_fills_the_connection_window(pki, raw_peer) -> None:
+    """Credit under a quarter window is not kept back while the connection's window runs out: a stream whose
+    application read everything it got (100 KiB, credit owed) waits for the connection window, which a
+    stream that is never read has just filled. Nothing more will be read there, so nothing more would be
+    consumed to push the owed credit over a quarter: it must go back now, and so must what is read while the
+    window stays low, or the reading stream waits for ever behind the one that does not read."""
+    settings = H2Settings(stream_window=1 * MiB, connection_window=1 * MiB)
+    srv = await HoldingServer(SERVER, lambda: pki.server_ctx(SERVER), settings=settings).start()
+    taken = 0
+
+    async def drains(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal taken
+        while chunk := await reader.read(256 * KiB):
+            taken += len(chunk)
+
+    app = await TcpApp(drains).start()
+    try:
+        peer = await raw_peer(srv.address)
+        reading = await peer.connect_stream(f"127.0.0.1:{app.port}")
+        payload = await fill(peer, reading, 100 * KiB, random.Random(13))  # (padding counts for the windows)
+        await eventually(lambda: taken == payload, "the application to read what was sent")
+        await peer.ping()
+        assert peer.send_conn_window == 1 * MiB - 100 * KiB  # under a quarter window: nothing given back yet
+        held = await peer.connect_stream(HOLD)
+        await fill(peer, held, 1 * MiB - 100 * KiB, random.Random(14))
+        await peer.until(lambda: peer.send_conn_window >= 100 * KiB, "the owed connection credit")
+        # And while the window stays low, what the reading stream takes goes back as it is read.
+        more = await fill(peer, reading, peer.send_conn_window, random.Random(15))
+        await eventually(lambda: taken == payload + more, "the application to read the rest")
+        await peer.until(lambda: peer.send_conn_window > 0, "the credit for what was read with the window low")
+        assert not peer.goaways and not peer.violations, peer.summary()
+    finally:
+        await app.close()
+        await srv.close()
+
+
 # -- 3. padding and END_STREAM (h2's path) -------------------------------------------------------------------
 @pytest.mark.parametrize("last", ["data_end_stream", "empty_end_stream", "padded_end_stream"])
 @bounded(60)
