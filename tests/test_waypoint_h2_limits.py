@@ -35,7 +35,13 @@ from tests.support.waypoint_mesh import (
     ident,
 )
 from tests.support.waypoint_proc import WaypointProcess, total
-from waypoint_py.h2_driver import MAX_CONCURRENT_STREAMS
+from waypoint_py.h2_driver import (
+    DOWNSTREAM_CONNECTION_WINDOW,
+    DOWNSTREAM_STREAM_WINDOW,
+    MAX_CONCURRENT_STREAMS,
+    H2Driver,
+    H2Stream,
+)
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -308,3 +314,75 @@ async def test_a_client_connection_holds_at_most_its_window(pki: TestPki, topo: 
         assert await client.upload("custom", 4 * MiB) == ("200", str(4 * MiB).encode())
         client.close()
     await served_normally(pki, topo, waypoint)
+
+
+async def test_credit_owed_goes_back_when_unread_bodies_fill_the_connection_window() -> None:
+    """A request whose body the waypoint read (credit owed, under half the window: h2 has not given it back)
+    waits for the connection window, which bodies of requests whose handlers do not read (they wait
+    upstream) have just filled. Nothing more is read, so h2 would never give the owed credit back: the
+    waypoint's HTTP/2 does, once less than a quarter of the window is left. (The driver itself, over a
+    real TCP connection, with a plain h2 client.)"""
+    tasks: set[asyncio.Task[None]] = set()
+    taken = 0
+
+    def on_stream(stream: H2Stream) -> None:
+        async def drain() -> None:
+            nonlocal taken
+            while (data := await stream.read()) is not None:
+                taken += len(data)
+
+        if dict(stream.headers)[b":path"] == b"/read":
+            tasks.add(asyncio.get_running_loop().create_task(drain()))
+        # "/hold": the body waits in the stream, unread, as behind an upstream that takes nothing
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await H2Driver(reader, writer, client=False, on_stream=on_stream).run()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    client.initiate_connection()
+
+    async def exchange(cond: Callable[[], object], what: str) -> None:
+        async def loop() -> None:
+            while True:
+                writer.write(client.data_to_send())
+                if cond():
+                    return
+                try:  # (what `cond` waits for may happen on the server's side, with nothing sent to us)
+                    data = await asyncio.wait_for(reader.read(1 << 16), 0.05)
+                except TimeoutError:
+                    continue
+                assert data, f"the connection ended before {what}"
+                client.receive_data(data)
+
+        try:
+            await asyncio.wait_for(loop(), DEADLINE)
+        except TimeoutError:
+            raise AssertionError(f"not within {DEADLINE:g}s: {what}") from None
+
+    def post(path: str, size: int) -> None:
+        sid = client.get_next_available_stream_id()
+        client.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":authority", "x"), (":path", path)])
+        while size:
+            n = min(size, client.max_outbound_frame_size)
+            client.send_data(sid, bytes(n))
+            size -= n
+
+    try:
+        window = DOWNSTREAM_CONNECTION_WINDOW
+        await exchange(lambda: client.outbound_flow_control_window == window, "the waypoint's connection window")
+        post("/read", 100 * KiB)
+        await exchange(lambda: taken == 100 * KiB, "the first body read")
+        left = window - 100 * KiB
+        while left:  # fill the rest of the connection window with bodies nobody reads
+            n = min(left, DOWNSTREAM_STREAM_WINDOW)
+            post("/hold", n)
+            left -= n
+        assert client.outbound_flow_control_window == 0
+        await exchange(lambda: client.outbound_flow_control_window >= 100 * KiB, "the owed connection credit")
+    finally:
+        writer.close()
+        server.close()
+        for task in tasks:
+            task.cancel()

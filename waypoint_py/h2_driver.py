@@ -308,6 +308,7 @@ class H2Driver:
             else:
                 stream._inbox.append((event.data, event.flow_controlled_length))
                 stream._wake()
+                self._credit_if_window_low()
         elif isinstance(event, h2.events.RequestReceived):
             self._on_request(event)
         elif isinstance(event, h2.events.ResponseReceived):
@@ -367,6 +368,19 @@ class H2Driver:
         if flow and not self.closed:
             with contextlib.suppress(h2.exceptions.ProtocolError):
                 self.h2.acknowledge_received_data(flow, stream_id)
+            self._flush()
+
+    def _credit_if_window_low(self) -> None:
+        """h2 gives connection credit back once half the window has been read, or when the window is empty
+        and more is read. Neither happens when streams that are not read (their handlers wait upstream) fill
+        the window after others read what they got: those would wait for ever for credit h2 owes them. So
+        once less than a quarter of the window is left, what h2 owes goes back at once (as on HBONE,
+        `HboneConnection._held`)."""
+        window = self.h2._inbound_flow_control_window_manager
+        owed = window._bytes_processed  # h2's count of bytes read and not yet given back
+        if owed and window.current_window_size < window.max_window_size // 4:
+            window._bytes_processed = 0
+            self.h2.increment_flow_control_window(owed)
             self._flush()
 
     # -- sending ----------------------------------------------------------------------------------------
