@@ -79,23 +79,21 @@ def memory_per_connection(ctx: Context, mesh: BenchMesh, path: RequestPath) -> d
 def start_tls_relays(ctx: Context, pki: BenchPki, server_ip: str, server_port: int) -> tuple[dict[str, Process], int]:
     """The reference pair, `bench.workers.tls_relay`: its processes by role, and the client side's port."""
     server_port_tls, client_port = free_port(), free_port()
-    server = ctx.procs.start(
-        "tls-relay-server",
-        python_module(
-            "bench.workers.tls_relay", "--role", "server", "--listen", f"127.0.0.1:{server_port_tls}",
-            "--connect", f"{server_ip}:{server_port}", "--certs", pki.issue("relay-server").folder,
-        ),
-    )  # fmt: skip
-    client = ctx.procs.start(
-        "tls-relay-client",
-        python_module(
-            "bench.workers.tls_relay", "--role", "client", "--listen", f"127.0.0.1:{client_port}",
-            "--connect", f"127.0.0.1:{server_port_tls}", "--certs", pki.issue("relay-client").folder,
-        ),
-    )  # fmt: skip
-    wait_listening(server_port_tls, server)
-    wait_listening(client_port, client)
-    return {"client": client, "server": server}, client_port
+    hops = {  # role: (its port, where it connects); the server side first, so the client side can reach it
+        "server": (server_port_tls, f"{server_ip}:{server_port}"),
+        "client": (client_port, f"127.0.0.1:{server_port_tls}"),
+    }
+    procs: dict[str, Process] = {}
+    for role, (listen, connect) in hops.items():
+        procs[role] = ctx.procs.start(
+            f"tls-relay-{role}",
+            python_module(
+                "bench.workers.tls_relay", "--role", role, "--listen", f"127.0.0.1:{listen}", "--connect", connect,
+                "--certs", pki.issue(f"relay-{role}").folder,
+            ),
+        )  # fmt: skip
+        wait_listening(listen, procs[role])
+    return procs, client_port
 
 
 @scenario("ztunnel-http", "1 KiB HTTP requests through a ztunnel pair vs direct vs an stunnel pair; CPU, RSS")

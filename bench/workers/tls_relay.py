@@ -42,10 +42,6 @@ class Relay:
         self.context = context
         self.tasks: set[asyncio.Task[None]] = set()
 
-    def accepted(self) -> Buffered:
-        """Protocol factory for the listener: keeps what arrives until the upstream side is up."""
-        return _Accepted(self)
-
     def start(self, downstream: asyncio.Transport, placeholder: Buffered) -> None:
         task = asyncio.get_running_loop().create_task(self._handle(downstream, placeholder))
         self.tasks.add(task)
@@ -70,6 +66,8 @@ class Relay:
 
 
 class _Accepted(Buffered):
+    """The listener's protocol: keeps what arrives until the upstream side is up."""
+
     def __init__(self, relay: Relay) -> None:
         super().__init__()
         self.relay = relay
@@ -83,7 +81,7 @@ async def serve(args: argparse.Namespace) -> None:
     cert = WorkloadCert.load(args.certs)
     context = server_context(cert) if args.role == "server" else client_context(cert)
     relay = Relay(args.role, args.connect, context)
-    server = await asyncio.get_running_loop().create_server(relay.accepted, *args.listen, backlog=1024)
+    server = await asyncio.get_running_loop().create_server(lambda: _Accepted(relay), *args.listen, backlog=1024)
     async with server:
         await server.serve_forever()
 
